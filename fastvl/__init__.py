@@ -1,0 +1,11 @@
+"""fastvl: fused Triton kernels and model code for fast small vision-language models."""
+from ._backend import get_backend, set_backend, use_backend
+from .ops import (
+    apply_rope_2d, deepstack_add, patch_merge, spatial_attention_pool, varlen_attention, vision_positions,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "apply_rope_2d", "deepstack_add", "get_backend", "patch_merge", "set_backend", "spatial_attention_pool",
+    "use_backend", "varlen_attention", "vision_positions",
+]

@@ -1,0 +1,60 @@
+"""Backend selection: which implementation an op runs for given tensors."""
+import contextlib
+import os
+
+BACKENDS = ("triton", "reference")
+_override = None
+
+
+def _check(name, source):
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+    return None if name == "auto" else name
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def set_backend(name: str | None) -> None:
+    """Force every op onto ``name`` ('triton' or 'reference'); None or 'auto' restores the automatic choice."""
+    global _override
+    _override = None if name is None else _check(name, "set_backend")
+
+
+def get_backend() -> str | None:
+    """The forced backend, from set_backend() or else FASTVL_BACKEND; None when automatic."""
+    if _override is not None:
+        return _override
+    env = os.environ.get("FASTVL_BACKEND", "auto") or "auto"
+    return _check(env, "FASTVL_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Context manager form of set_backend()."""
+    global _override
+    previous = _override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def resolve(device) -> str:
+    """The backend an op runs on tensors of ``device``.
+
+    Automatic: Triton for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1 (the
+    interpreter); the plain-PyTorch reference otherwise.
+    """
+    forced = get_backend()
+    on_cuda = getattr(device, "type", device) == "cuda"
+    if forced == "triton" and not (on_cuda or interpreting()):
+        raise RuntimeError(
+            "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before fastvl is imported "
+            "to run the kernels on CPU through the Triton interpreter"
+        )
+    if forced is not None:
+        return forced
+    return "triton" if on_cuda or interpreting() else "reference"

@@ -1,0 +1,77 @@
+"""Public op: FlashSloth spatial attention pooling over packed images of any grid."""
+import torch
+from torch import Tensor
+
+from .. import reference
+from . import _checks as check
+from ._dispatch import kernel_module, reference_vjp
+
+
+def spatial_attention_pool(x, grid_hw, w1, b1, w2, b2, window=3):
+    """x [T, C] (images in order, row-major tokens) -> [num_windows, C].
+
+    ``grid_hw`` [N, 2] int (h, w) per image, sum(h*w) == T; score MLP weights in nn.Linear layout:
+    w1 [Hid, C], b1 [Hid], w2 [1, Hid], b2 [1]. Each window x window block (partial at the edges)
+    becomes the softmax(score)-weighted sum of its raw features; windows row-major per image.
+    """
+    check.tensor("x", x, ndim=2)
+    tokens, channels = x.shape
+    r = check.positive_int("window", window)
+    rows = check.grid("grid_hw", grid_hw, 2)
+    total = sum(h * w for h, w in rows)
+    if total != tokens:
+        raise ValueError(f"grid_hw covers {total} tokens but x has {tokens}")
+    for name, p in {"w1": w1, "b1": b1, "w2": w2, "b2": b2}.items():
+        check.tensor(name, p, device=x.device)
+        check.same_dtype(name, p, "x", x)
+    check.shape("w1", w1, (None, channels))
+    check.shape("b1", b1, (w1.shape[0],))
+    check.shape("w2", w2, (1, w1.shape[0]))
+    check.shape("b2", b2, (1,))
+    num_windows = sum(-(-h // r) * -(-w // r) for h, w in rows)
+    return torch.ops.fastvl.spatial_attention_pool(x, grid_hw, w1, b1, w2, b2, r, num_windows)
+
+
+@torch.library.custom_op("fastvl::spatial_attention_pool", mutates_args=())
+def _forward(x: Tensor, grid_hw: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, window: int, num_windows: int) -> Tensor:
+    kernel = kernel_module("spatial_attention_pool", x)
+    if kernel is not None:
+        return kernel.forward(x, grid_hw, w1, b1, w2, b2, window, num_windows)
+    return reference.spatial_attention_pool(x, grid_hw, w1, b1, w2, b2, window)
+
+
+@_forward.register_fake
+def _(x, grid_hw, w1, b1, w2, b2, window, num_windows):
+    return x.new_empty(num_windows, x.shape[1])
+
+
+@torch.library.custom_op("fastvl::spatial_attention_pool_backward", mutates_args=())
+def _backward(
+    grad: Tensor, x: Tensor, grid_hw: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, window: int, num_windows: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of x, w1, b1, w2, b2."""
+    kernel = kernel_module("spatial_attention_pool", x)
+    if kernel is not None:
+        return kernel.backward(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows)
+    dx, _, dw1, db1, dw2, db2 = reference_vjp(reference.spatial_attention_pool, [x, grid_hw, w1, b1, w2, b2], grad, window)
+    return dx, dw1, db1, dw2, db2
+
+
+@_backward.register_fake
+def _(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows):
+    return tuple(torch.empty_like(t) for t in (x, w1, b1, w2, b2))
+
+
+def _setup_context(ctx, inputs, output):
+    x, grid_hw, w1, b1, w2, b2, window, num_windows = inputs
+    ctx.save_for_backward(x, grid_hw, w1, b1, w2, b2)
+    ctx.args = (window, num_windows)
+
+
+def _autograd_backward(ctx, grad):
+    x, grid_hw, w1, b1, w2, b2 = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = _backward(grad.contiguous(), x, grid_hw, w1, b1, w2, b2, *ctx.args)
+    return dx, None, dw1, db1, dw2, db2, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -1,0 +1,11 @@
+"""Plain-PyTorch implementations of every op: the specification the kernels are tested against."""
+from .apply_rope_2d import apply_rope_2d
+from .deepstack_add import deepstack_add
+from .patch_merge import patch_merge
+from .spatial_attention_pool import spatial_attention_pool
+from .varlen_attention import varlen_attention
+from .vision_positions import vision_positions
+
+__all__ = [
+    "apply_rope_2d", "deepstack_add", "patch_merge", "spatial_attention_pool", "varlen_attention", "vision_positions",
+]

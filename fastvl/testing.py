@@ -1,0 +1,47 @@
+"""Helpers for comparing kernels with references: relative errors, seeded packs of odd sizes."""
+import math
+
+import torch
+
+# ||out - ref|| / ||ref|| bounds against a float64 reference (fp32 dots may run as tf32 on a GPU)
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+TF32_TOLERANCE = 2e-3
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (inf when out has NaN/inf, 0 for two empty tensors)."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return math.inf
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom else diff
+
+
+def assert_close(out, ref, dtype=None, tol=None, name="output"):
+    """Assert shape equality and rel_err(out, ref) <= tol (by default TOLERANCE[dtype or out.dtype])."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    tol = TOLERANCE[dtype or out.dtype] if tol is None else tol
+    err = rel_err(out, ref)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g}"
+    return err
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", gen=None, scale=1.0, requires_grad=False):
+    """Seeded normal tensor created on CPU (same values on every device) then moved."""
+    t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
+    """int32 offsets [B+1] of segment ``lengths``."""
+    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def random_lengths(gen, count, low=1, high=300):
+    """``count`` random segment lengths in [low, high]."""
+    return torch.randint(low, high + 1, (count,), generator=gen).tolist()

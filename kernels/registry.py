@@ -1,0 +1,79 @@
+"""Kernels register here where they are defined, so the compile gate cannot miss one.
+
+    @gated(tensor_cores="wgmma", specs=lambda fn: [Spec("fp16 D=80", signature(fn, "fp16"), {"HEAD_DIM": 80})])
+    @triton.autotune(...)
+    @triton.jit
+    def _kernel(x_ptr, n, BLOCK: tl.constexpr): ...
+
+Pointer arguments are named ``*_ptr``; other non-constexpr arguments are i32 unless the
+signature says otherwise (``signature(fn, "bf16", scale="fp32")``).
+"""
+from dataclasses import dataclass, field
+
+REGISTRY = []
+
+
+@dataclass
+class Spec:
+    """One specialisation of a kernel the gate compiles (with each of its autotune configs)."""
+
+    name: str
+    signature: dict
+    constexprs: dict
+    options: dict = field(default_factory=dict)  # num_warps / num_stages when not autotuned
+
+
+@dataclass
+class Gated:
+    kernel: object
+    specs: object  # callable(jit_fn) -> list[Spec], evaluated by the gate only
+    tensor_cores: str | None  # None, "mma" (tensor-core dots on every arch) or "wgmma" (wgmma on sm_90)
+
+    @property
+    def jit_fn(self):
+        fn = self.kernel
+        while not hasattr(fn, "arg_names"):
+            fn = fn.fn
+        return fn
+
+    @property
+    def name(self):
+        return self.jit_fn.__name__
+
+    @property
+    def configs(self):
+        """Autotune configs as (label, constexprs, options); one default entry when not autotuned."""
+        fn, found = self.kernel, []
+        while not hasattr(fn, "arg_names"):
+            for cfg in getattr(fn, "configs", []):
+                label = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+                label += f",w{cfg.num_warps},s{cfg.num_stages}"
+                found.append((label, dict(cfg.kwargs), {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+            fn = fn.fn
+        return found or [("default", {}, {})]
+
+
+def gated(specs, tensor_cores=None):
+    if tensor_cores not in (None, "mma", "wgmma"):
+        raise ValueError(f"tensor_cores must be None, 'mma' or 'wgmma', got {tensor_cores!r}")
+
+    def register(kernel):
+        REGISTRY.append(Gated(kernel, specs, tensor_cores))
+        return kernel
+
+    return register
+
+
+def signature(fn, dtype, **types):
+    """Signature dict for ``fn``: constexpr params, ``*_ptr`` -> ``*dtype``, others i32, ``types`` override."""
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in types:
+            sig[p.name] = types[p.name]
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*" + dtype
+        else:
+            sig[p.name] = "i32"
+    return sig
