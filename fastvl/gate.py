@@ -12,22 +12,20 @@ import tempfile
 ARCHS = (80, 90)
 
 
-def _ptxas():
-    import triton
+def _resources(ptx: str, cap: int) -> tuple[int, int, int]:
+    """(registers, spill bytes, stack bytes) that ptxas reports for the kernel (Triton's ptxas and flags)."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return path if os.path.exists(path) else "ptxas"
-
-
-def _resources(ptx: str) -> tuple[int, int, int]:
-    """(registers, spill bytes, stack bytes) that ptxas reports for the kernel."""
     arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
+        cmd = [get_ptxas(cap).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"ptxas failed: {result.stderr.strip()}")
+    out = result.stderr
     regs = int(re.search(r"Used (\d+) registers", out).group(1))
     stack = int(re.search(r"(\d+) bytes stack frame", out).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
@@ -50,7 +48,7 @@ def compile_one(gated, spec, constexprs, options, cap):
     src = ASTSource(fn=gated.jit_fn, signature=spec.signature, constexprs={**spec.constexprs, **constexprs})
     kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={**spec.options, **options})
     ptx = kernel.asm["ptx"]
-    regs, spills, stack = _resources(ptx)
+    regs, spills, stack = _resources(ptx, cap)
     return {"regs": regs, "spills": spills, "stack": stack, "shared": kernel.metadata.shared, "matrix": _matrix_ops(ptx)}
 
 

@@ -31,8 +31,10 @@ class Gated:
 
     @property
     def jit_fn(self):
+        from triton.runtime.jit import JITFunction
+
         fn = self.kernel
-        while not hasattr(fn, "arg_names"):
+        while not isinstance(fn, JITFunction):  # unwrap autotune / heuristics
             fn = fn.fn
         return fn
 
@@ -44,7 +46,7 @@ class Gated:
     def configs(self):
         """Autotune configs as (label, constexprs, options); one default entry when not autotuned."""
         fn, found = self.kernel, []
-        while not hasattr(fn, "arg_names"):
+        while fn is not self.jit_fn:
             for cfg in getattr(fn, "configs", []):
                 label = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
                 label += f",w{cfg.num_warps},s{cfg.num_stages}"
