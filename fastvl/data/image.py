@@ -1,0 +1,182 @@
+"""Image preprocessing: Qwen2-VL native resolution (packed patches) and SigLIP fixed resolution (+ HD crops).
+
+Both processors take a list of images (PIL images or HWC uint8 numpy arrays), resize with PIL's bicubic filter
+on uint8 pixels (as the Hugging Face processors do), rescale by 1/255 and normalise per channel.
+"""
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT_RATIO = 200
+
+
+def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
+    """Qwen2-VL's target size: both sides multiples of ``factor``, area within [min_pixels, max_pixels].
+
+    Sides are rounded to the nearest multiple; an area above ``max_pixels`` (below ``min_pixels``) scales both
+    sides down (up) by the same ratio, then floors (ceils) them to multiples, so the aspect ratio is kept as
+    closely as the grid allows. A side never drops below ``factor``, so a very elongated image may end up a
+    little above ``max_pixels``. Aspect ratios above 200 are rejected.
+    """
+    for name, value in (("height", height), ("width", width), ("factor", factor),
+                        ("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio of a {height}x{width} image exceeds {MAX_ASPECT_RATIO}")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def to_pil(image, name="images"):
+    """An RGB PIL image from a PIL image (any mode) or an HWC uint8 numpy array with 3 channels."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"{name}: numpy images must be uint8, got {image.dtype}")
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"{name}: numpy images must be HWC with 3 channels, got shape {image.shape}")
+        return Image.fromarray(image, "RGB")
+    raise TypeError(f"{name}: expected a PIL image or a numpy array, got {type(image).__name__}")
+
+
+def _image_list(images):
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be a list of images, got {type(images).__name__}")
+    return [to_pil(im, f"images[{i}]") for i, im in enumerate(images)]
+
+
+def _channel_stats(value, name):
+    """A per-channel (3,) float64 array from a float or 3 floats."""
+    stats = np.asarray(value, dtype=np.float64)
+    stats = np.full(3, float(stats)) if stats.ndim == 0 else stats
+    if stats.shape != (3,):
+        raise ValueError(f"{name} must be a float or 3 floats, got {value!r}")
+    return stats
+
+
+def _normalize(image, mean, std):
+    """uint8 HWC PIL image -> float32 CHW array of (x/255 - mean) / std."""
+    x = np.asarray(image, dtype=np.float64) / 255.0
+    return ((x - mean) / std).astype(np.float32).transpose(2, 0, 1)
+
+
+class NativeResolutionProcessor:
+    """Qwen2-VL image processing: each image at its own (smart-resized) resolution, cut into patches.
+
+    ``__call__(images)`` returns ``pixel_values`` float32 ``[N, 3 * T * p * p]`` (all images' patches
+    concatenated) and ``image_grid_thw`` int64 ``[n_images, 3]`` = (1, H/p, W/p). Rows run over each image in
+    merge-window order (windows of m x m patches row-major, the m*m patches of a window consecutive, row-major
+    inside it); a row holds channel-major ``(C, T, p, p)`` values, the still image repeated over T frames.
+
+    ``resize_factor`` (default ``patch_size * merge_size``) is the multiple the sides are resized to.
+    DeepStack-Efficient gives the LLM one token per (2m x 2m) patches, so it needs ``resize_factor=56`` with
+    the usual 14-px patches and merge size 2: the rows are then exactly the ViT input, in window order.
+    """
+
+    def __init__(self, patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=56 * 56,
+                 max_pixels=28 * 28 * 1280, image_mean=CLIP_MEAN, image_std=CLIP_STD, resize_factor=None):
+        for name, value in (("patch_size", patch_size), ("temporal_patch_size", temporal_patch_size),
+                            ("merge_size", merge_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        self.merge_size = merge_size
+        self.resize_factor = patch_size * merge_size if resize_factor is None else resize_factor
+        if self.resize_factor % (patch_size * merge_size):
+            raise ValueError(f"resize_factor ({resize_factor}) must be a multiple of patch_size * merge_size "
+                             f"({patch_size * merge_size})")
+        smart_resize(self.resize_factor, self.resize_factor, self.resize_factor, min_pixels, max_pixels)
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.image_mean = _channel_stats(image_mean, "image_mean")
+        self.image_std = _channel_stats(image_std, "image_std")
+        if (self.image_std <= 0).any():
+            raise ValueError(f"image_std must be positive, got {image_std!r}")
+
+    @property
+    def row_size(self):
+        return 3 * self.temporal_patch_size * self.patch_size ** 2
+
+    def target_size(self, height, width):
+        """(height, width) an image of that size is resized to."""
+        return smart_resize(height, width, self.resize_factor, self.min_pixels, self.max_pixels)
+
+    def grid_thw(self, height, width):
+        """The ``image_grid_thw`` row of an image of that size, without loading it."""
+        h, w = self.target_size(height, width)
+        return 1, h // self.patch_size, w // self.patch_size
+
+    def _patches(self, image):
+        h, w = self.target_size(image.height, image.width)
+        x = _normalize(image.resize((w, h), Image.BICUBIC), self.image_mean, self.image_std)
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        gh, gw = h // p, w // p
+        x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # (h/m, w/m, m, m, C, p, p)
+        x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (t, p, p))
+        return x.reshape(gh * gw, self.row_size), (1, gh, gw)
+
+    def __call__(self, images):
+        out = [self._patches(im) for im in _image_list(images)]
+        pixel_values = np.concatenate([p for p, _ in out]) if out else np.zeros((0, self.row_size), np.float32)
+        return {
+            "pixel_values": torch.from_numpy(pixel_values),
+            "image_grid_thw": torch.tensor([g for _, g in out], dtype=torch.int64).reshape(-1, 3),
+        }
+
+
+class FixedResolutionProcessor:
+    """SigLIP-style fixed resolution (FlashSloth).
+
+    ``hd=False``: each image squash-resized to ``size x size`` -> ``pixel_values [n_images, 3, size, size]``.
+    ``hd=True``: five crops per image -> ``[5 * n_images, 3, size, size]``: the squash-resized global view, then
+    the image padded (centred) to a square with the mean colour, resized to ``2 * size`` and cut into a 2x2 grid
+    in the order top-left, top-right, bottom-left, bottom-right. ``crops_per_image`` (1 or 5) is returned too.
+    """
+
+    def __init__(self, size=384, mean=0.5, std=0.5, hd=False):
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        self.size = size
+        self.mean = _channel_stats(mean, "mean")
+        self.std = _channel_stats(std, "std")
+        if (self.std <= 0).any():
+            raise ValueError(f"std must be positive, got {std!r}")
+        self.hd = bool(hd)
+        self.crops_per_image = 5 if self.hd else 1
+
+    def _crops(self, image):
+        s = self.size
+        crops = [image.resize((s, s), Image.BICUBIC)]
+        if self.hd:
+            side = max(image.size)
+            square = Image.new("RGB", (side, side), tuple(int(c * 255) for c in self.mean))
+            square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            square = square.resize((2 * s, 2 * s), Image.BICUBIC)
+            crops += [square.crop((x, y, x + s, y + s)) for y in (0, s) for x in (0, s)]
+        return [_normalize(c, self.mean, self.std) for c in crops]
+
+    def __call__(self, images):
+        crops = [c for im in _image_list(images) for c in self._crops(im)]
+        pixel_values = np.stack(crops) if crops else np.zeros((0, 3, self.size, self.size), np.float32)
+        return {"pixel_values": torch.from_numpy(pixel_values), "crops_per_image": self.crops_per_image}
