@@ -1,0 +1,522 @@
+"""Varlen attention over packed segments, with 2D RoPE fused into the loads of q and k.
+
+Forward: one program per (q block of a segment, head); online softmax in the log2 domain (the
+softmax scale is folded with log2(e), scores go through exp2), fp32 accumulation, the natural-log
+log-sum-exp saved for the backward. Backward: a delta = rowsum(dO * O) pass, then one program per
+(k block, kv head) accumulating dk/dv over the q blocks of every query head of its GQA group, and
+one program per (q block, head) accumulating dq: deterministic, no atomics.
+
+Cost notes behind the layout:
+- Head dims 72/80/96 are split into two power-of-two tiles (64 + 16, 64 + 16, 64 + 32) whose dots
+  accumulate into one score tile: padding 80 to 128 would spend 60% more tensor-core work on
+  every dot. 72 pads its 8-wide remainder to 16 (the smallest dot depth): 11%.
+- With RoPE the q/k tiles are built from rotation pairs: tile t holds the pairs (i, i + D/2) for a
+  range of i, loaded as two contiguous halves, rotated elementwise and interleaved (the dot does not
+  care how the head dim is ordered, only that q and k agree). The rotation then needs no data
+  movement between tiles, one cos/sin per pair (not per element), and the backward un-rotates dq and
+  dk in registers before storing them. Nothing rotated is ever written to memory.
+- The rotation of a k tile is recomputed by every q block that reads it (D/2 sincos per key row),
+  small next to the 4*BLOCK_M*D flops per key row of the two dots.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvl._backend import interpreting
+
+from .registry import Spec, gated, signature
+
+HEAD_DIMS = (64, 72, 80, 96, 128)
+LOG2E = math.log2(math.e)
+
+
+def _tiles(head_dim):
+    """Widths (WA, WB) of the two head-dim tiles; WB = 0 when one tile covers the head dim."""
+    wa = 128 if head_dim >= 128 else 64
+    rest = head_dim - wa
+    return wa, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+
+
+def _configs(gpu, interpreter):
+    """Autotune configs from (block sizes, warps, stages). The interpreter gets ``interpreter`` alone: it
+    would time every config, and its small blocks give small test packs several blocks per segment."""
+    if interpreting():
+        return [triton.Config(interpreter)]
+    return [triton.Config(blocks, num_warps=w, num_stages=s) for blocks, w, s in gpu]
+
+
+# ------------------------------------------------------------------ tile loads and stores
+@triton.jit
+def _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM: tl.constexpr):
+    """cos/sin [N, len(pair)] of the rotation of pairs (i, i + D/2) at the tokens' (row, col)."""
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    use_col = pair >= QUARTER
+    freq = tl.exp2(tl.where(use_col, pair - QUARTER, pair).to(tl.float32) * (-4.0 / HEAD_DIM) * log2_theta)
+    row = tl.load(pos_ptr + tok * stride_pt, mask=tok_mask, other=0).to(tl.float32)
+    col = tl.load(pos_ptr + tok * stride_pt + stride_pc, mask=tok_mask, other=0).to(tl.float32)
+    angle = tl.where(use_col[None, :], col[:, None], row[:, None]) * freq[None, :]
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def _load_tile(ptr, tok, tok_mask, stride_t, START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Head dims START + [0, WIDTH) of the tokens' rows (zeros past the head dim or masked rows)."""
+    d = START + tl.arange(0, WIDTH)
+    return tl.load(ptr + tok[:, None] * stride_t + d[None, :], mask=tok_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, x, tok, tok_mask, stride_t, START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    d = START + tl.arange(0, WIDTH)
+    tl.store(ptr + tok[:, None] * stride_t + d[None, :], x.to(ptr.dtype.element_ty),
+             mask=tok_mask[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _load_qk(ptr, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, log2_theta,
+             START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
+    """A q/k tile in the dot layout, in the input dtype: plain head dims START + [0, WIDTH); with RoPE the
+    rotated pairs (i, i + D/2), i in START/2 + [0, WIDTH/2), interleaved (rotation in fp32)."""
+    if ROPE:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        pair = START // 2 + tl.arange(0, WIDTH // 2)
+        mask = tok_mask[:, None] & (pair < HALF)[None, :]
+        lo_ptr = ptr + tok[:, None] * stride_t + pair[None, :]
+        lo = tl.load(lo_ptr, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(lo_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        cos, sin = _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM)
+        x = tl.join(lo * cos - hi * sin, hi * cos + lo * sin)
+        return tl.reshape(x, (tok.shape[0], WIDTH)).to(ptr.dtype.element_ty)
+    else:
+        return _load_tile(ptr, tok, tok_mask, stride_t, START, WIDTH, HEAD_DIM)
+
+
+@triton.jit
+def _store_qk_grad(ptr, g, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, log2_theta,
+                   START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
+    """Store a dq/dk tile given in the layout of _load_qk; with RoPE rotate it back (the transposed rotation)."""
+    if ROPE:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        pair = START // 2 + tl.arange(0, WIDTH // 2)
+        mask = tok_mask[:, None] & (pair < HALF)[None, :]
+        lo, hi = tl.split(tl.reshape(g, (tok.shape[0], WIDTH // 2, 2)))
+        cos, sin = _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM)
+        lo_ptr = ptr + tok[:, None] * stride_t + pair[None, :]
+        tl.store(lo_ptr, (lo * cos + hi * sin).to(ptr.dtype.element_ty), mask=mask)
+        tl.store(lo_ptr + HALF, (hi * cos - lo * sin).to(ptr.dtype.element_ty), mask=mask)
+    else:
+        _store_tile(ptr, g, tok, tok_mask, stride_t, START, WIDTH, HEAD_DIM)
+
+
+@triton.jit
+def _key_ranges(m0, lq, lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks of q rows [m0, m0 + BLOCK_M): [0, full) need no mask, [full, end) do (causal
+    diagonal, segment end). Row r sees key c <= r + lk - lq (bottom-right aligned)."""
+    if CAUSAL:
+        end = tl.minimum(lk, m0 + BLOCK_M + lk - lq)
+        full = tl.maximum(tl.minimum(lk, m0 + 1 + lk - lq), 0) // BLOCK_N * BLOCK_N
+    else:
+        end = lk
+        full = lk // BLOCK_N * BLOCK_N
+    return full, end
+
+
+# ------------------------------------------------------------------ forward
+@triton.jit
+def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_ptr, k_start, rows, lk, causal_shift,
+               stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, start, end,
+               HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
+               ROPE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < lk
+        tok = k_start + cols
+        k = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+        s = tl.dot(qa, tl.trans(k))
+        if WB > 0:
+            k = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+            s = tl.dot(qb, tl.trans(k), s)
+        s = s * qk_scale
+        if MASK:
+            visible = col_mask[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_shift)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+        if MASK:  # rows with no visible key yet: keep exp2 away from (-inf) - (-inf)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_ptr, tok, col_mask, stride_vt, 0, WA, HEAD_DIM)
+        p = p.to(v.dtype)
+        acc_a = tl.dot(p, v, acc_a * alpha[:, None])
+        if WB > 0:
+            v = _load_tile(v_ptr, tok, col_mask, stride_vt, WA, WB, HEAD_DIM)
+            acc_b = tl.dot(p, v, acc_b * alpha[:, None])
+        m_i = m_new
+    return acc_a, acc_b, m_i, l_i
+
+
+def _fwd_specs(fn):
+    return [
+        Spec(f"{dt} D={d} causal rope", signature(fn, dt, lse_ptr="*fp32", cu_q_ptr="*i32", cu_k_ptr="*i32",
+                                                  pos_ptr="*i32", qk_scale="fp32", log2_theta="fp32"),
+             {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1], "CAUSAL": True, "ROPE": True})
+        for dt in ("fp16", "bf16") for d in HEAD_DIMS
+    ]
+
+
+@gated(_fwd_specs, tensor_cores="wgmma")
+@triton.autotune(
+    _configs([({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 3),
+              ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3)], {"BLOCK_M": 32, "BLOCK_N": 16}),
+    key=["HEAD_DIM", "CAUSAL", "ROPE"],
+)
+@triton.jit
+def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, pos_ptr,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+              stride_pt, stride_pc, tokens_q, heads, group, qk_scale, log2_theta,
+              HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
+              ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    seg, h = pid_bh // heads, pid_bh % heads
+    q_start = tl.load(cu_q_ptr + seg)
+    lq = tl.load(cu_q_ptr + seg + 1) - q_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= lq:
+        return
+    k_start = tl.load(cu_k_ptr + seg)
+    lk = tl.load(cu_k_ptr + seg + 1) - k_start
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < lq
+    tok = q_start.to(tl.int64) + rows
+    q_ptr += h * stride_qh
+    k_ptr += (h // group) * stride_kh
+    v_ptr += (h // group) * stride_vh
+    qa = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+    qb = qa
+    acc_a = tl.zeros([BLOCK_M, WA], dtype=tl.float32)
+    acc_b = acc_a
+    if WB > 0:
+        qb = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+        acc_b = tl.zeros([BLOCK_M, WB], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    full, end = _key_ranges(m0, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)
+    k_start = k_start.to(tl.int64)
+    acc_a, acc_b, m_i, l_i = _fwd_tiles(
+        acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_ptr, k_start, rows, lk, lk - lq, stride_kt, stride_vt,
+        stride_pt, stride_pc, qk_scale, log2_theta, 0, full, HEAD_DIM, WA, WB, CAUSAL, ROPE, False, BLOCK_N)
+    acc_a, acc_b, m_i, l_i = _fwd_tiles(
+        acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_ptr, k_start, rows, lk, lk - lq, stride_kt, stride_vt,
+        stride_pt, stride_pc, qk_scale, log2_theta, full, end, HEAD_DIM, WA, WB, CAUSAL, ROPE, True, BLOCK_N)
+    # rows without a visible key: output 0, lse -inf (l_i == 0)
+    has_key = l_i > 0
+    inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
+    o_ptr += h * stride_oh
+    _store_tile(o_ptr, acc_a * inv_l[:, None], tok, row_mask, stride_ot, 0, WA, HEAD_DIM)
+    if WB > 0:
+        _store_tile(o_ptr, acc_b * inv_l[:, None], tok, row_mask, stride_ot, WA, WB, HEAD_DIM)
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(lse_ptr + h * tokens_q + tok, lse, mask=row_mask)
+
+
+# ------------------------------------------------------------------ backward
+def _bwd_specs(fn):
+    return [
+        Spec(f"{dt} D={d} causal rope", signature(fn, dt, lse_ptr="*fp32", delta_ptr="*fp32", cu_q_ptr="*i32",
+                                                  cu_k_ptr="*i32", pos_ptr="*i32", qk_scale="fp32", scale="fp32",
+                                                  log2_theta="fp32"),
+             {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1], "CAUSAL": True, "ROPE": True})
+        for dt in ("fp16", "bf16") for d in HEAD_DIMS
+    ]
+
+
+def _delta_specs(fn):
+    return [
+        Spec(f"{dt} D={d}", signature(fn, dt, delta_ptr="*fp32"), {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1]},
+             {"num_warps": 4})
+        for dt in ("fp16", "bf16") for d in (72, 128)
+    ]
+
+
+@gated(_delta_specs)
+@triton.jit
+def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, stride_ot, stride_oh, stride_dot, stride_doh, tokens,
+                    HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, BLOCK_T: tl.constexpr):
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in fp32."""
+    h = tl.program_id(1)
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = tok < tokens
+    tok = tok.to(tl.int64)
+    o_ptr += h * stride_oh
+    do_ptr += h * stride_doh
+    o = _load_tile(o_ptr, tok, mask, stride_ot, 0, WA, HEAD_DIM).to(tl.float32)
+    do = _load_tile(do_ptr, tok, mask, stride_dot, 0, WA, HEAD_DIM).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if WB > 0:
+        o = _load_tile(o_ptr, tok, mask, stride_ot, WA, WB, HEAD_DIM).to(tl.float32)
+        do = _load_tile(do_ptr, tok, mask, stride_dot, WA, WB, HEAD_DIM).to(tl.float32)
+        delta += tl.sum(o * do, 1)
+    tl.store(delta_ptr + h * tokens + tok, delta, mask=mask)
+
+
+@triton.jit
+def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, delta_ptr, pos_ptr,
+                q_start, cols, lq, causal_shift, stride_qt, stride_dot, stride_pt, stride_pc, tokens_q,
+                qk_scale, log2_theta, start, end,
+                HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, ROPE: tl.constexpr,
+                MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dk/dv of one k block over q blocks [start, end) of one query head (transposed
+    tiles: [keys, queries]). Padding rows past lq load q = dO = 0, lse = delta = 0 and add nothing."""
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < lq
+        tok = q_start + rows
+        q = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+        s_t = tl.dot(ka, tl.trans(q))
+        if WB > 0:
+            qb = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+            s_t = tl.dot(kb, tl.trans(qb), s_t)
+        lse = tl.load(lse_ptr + tok, mask=row_mask, other=0.0) * 1.4426950408889634
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        if MASK:  # causal diagonal; also drops rows without a visible key (lse = -inf)
+            p_t = tl.where(cols[:, None] <= rows[None, :] + causal_shift, p_t, 0.0)
+        do = _load_tile(do_ptr, tok, row_mask, stride_dot, 0, WA, HEAD_DIM)
+        dp_t = tl.dot(va, tl.trans(do))
+        dv_a = tl.dot(p_t.to(do.dtype), do, dv_a)
+        if WB > 0:
+            do = _load_tile(do_ptr, tok, row_mask, stride_dot, WA, WB, HEAD_DIM)
+            dp_t = tl.dot(vb, tl.trans(do), dp_t)
+            dv_b = tl.dot(p_t.to(do.dtype), do, dv_b)
+        delta = tl.load(delta_ptr + tok, mask=row_mask, other=0.0)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk_a = tl.dot(ds_t, q, dk_a)
+        if WB > 0:
+            dk_b = tl.dot(ds_t, qb, dk_b)
+    return dk_a, dk_b, dv_a, dv_b
+
+
+@gated(_bwd_specs, tensor_cores="wgmma")
+@triton.autotune(
+    _configs([({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 2), ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2)],
+             {"BLOCK_M": 16, "BLOCK_N": 32}),
+    key=["HEAD_DIM", "CAUSAL", "ROPE"],
+)
+@triton.jit
+def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr, pos_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                   stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_pt, stride_pc,
+                   tokens_q, kv_heads, group, qk_scale, scale, log2_theta,
+                   HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
+                   ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One block of BLOCK_N keys of one kv head; loops over the q blocks of the group's query heads."""
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    seg, hk = pid_bh // kv_heads, pid_bh % kv_heads
+    k_start = tl.load(cu_k_ptr + seg)
+    lk = tl.load(cu_k_ptr + seg + 1) - k_start
+    n0 = pid_n * BLOCK_N
+    if n0 >= lk:
+        return
+    q_start = tl.load(cu_q_ptr + seg)
+    lq = tl.load(cu_q_ptr + seg + 1) - q_start
+    q_start = q_start.to(tl.int64)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_mask = cols < lk
+    tok = k_start.to(tl.int64) + cols
+    k_ptr += hk * stride_kh
+    v_ptr += hk * stride_vh
+    ka = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+    va = _load_tile(v_ptr, tok, col_mask, stride_vt, 0, WA, HEAD_DIM)
+    dk_a = tl.zeros([BLOCK_N, WA], dtype=tl.float32)
+    dv_a = dk_a
+    kb, vb, dk_b, dv_b = ka, va, dk_a, dv_a
+    if WB > 0:
+        kb = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+        vb = _load_tile(v_ptr, tok, col_mask, stride_vt, WA, WB, HEAD_DIM)
+        dk_b = tl.zeros([BLOCK_N, WB], dtype=tl.float32)
+        dv_b = dk_b
+    shift = lk - lq
+    # q rows that see some key of this block start at n0 - shift; from `full` on they see all of it
+    start, full = 0, 0
+    if CAUSAL:
+        start = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
+        full = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M, start)
+    for g in range(group):
+        h = hk * group + g
+        qh_ptr = q_ptr + h * stride_qh
+        doh_ptr = do_ptr + h * stride_doh
+        dk_a, dk_b, dv_a, dv_b = _dkdv_tiles(
+            dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qh_ptr, doh_ptr, lse_ptr + h * tokens_q, delta_ptr + h * tokens_q,
+            pos_ptr, q_start, cols, lq, shift, stride_qt, stride_dot, stride_pt, stride_pc, tokens_q, qk_scale,
+            log2_theta, start, tl.minimum(full, lq), HEAD_DIM, WA, WB, ROPE, True, BLOCK_M)
+        dk_a, dk_b, dv_a, dv_b = _dkdv_tiles(
+            dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qh_ptr, doh_ptr, lse_ptr + h * tokens_q, delta_ptr + h * tokens_q,
+            pos_ptr, q_start, cols, lq, shift, stride_qt, stride_dot, stride_pt, stride_pc, tokens_q, qk_scale,
+            log2_theta, full, lq, HEAD_DIM, WA, WB, ROPE, False, BLOCK_M)
+    dk_ptr += hk * stride_dkh
+    dv_ptr += hk * stride_dvh
+    _store_qk_grad(dk_ptr, dk_a * scale, tok, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc, log2_theta,
+                   0, WA, HEAD_DIM, ROPE)
+    _store_tile(dv_ptr, dv_a, tok, col_mask, stride_dvt, 0, WA, HEAD_DIM)
+    if WB > 0:
+        _store_qk_grad(dk_ptr, dk_b * scale, tok, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc, log2_theta,
+                       WA, WB, HEAD_DIM, ROPE)
+        _store_tile(dv_ptr, dv_b, tok, col_mask, stride_dvt, WA, WB, HEAD_DIM)
+
+
+@triton.jit
+def _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_ptr, k_start, rows, lk, causal_shift,
+              stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, start, end,
+              HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
+              ROPE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < lk
+        tok = k_start + cols
+        ka = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+        v = _load_tile(v_ptr, tok, col_mask, stride_vt, 0, WA, HEAD_DIM)
+        s = tl.dot(qa, tl.trans(ka))
+        dp = tl.dot(do_a, tl.trans(v))
+        kb = ka
+        if WB > 0:
+            kb = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+            v = _load_tile(v_ptr, tok, col_mask, stride_vt, WA, WB, HEAD_DIM)
+            s = tl.dot(qb, tl.trans(kb), s)
+            dp = tl.dot(do_b, tl.trans(v), dp)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASK:  # keys past the segment, causal diagonal; rows without a visible key (lse = -inf) get 0
+            visible = col_mask[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_shift)
+            p = tl.where(visible, p, 0.0)
+        ds = (p * (dp - delta[:, None])).to(ka.dtype)
+        dq_a = tl.dot(ds, ka, dq_a)
+        if WB > 0:
+            dq_b = tl.dot(ds, kb, dq_b)
+    return dq_a, dq_b
+
+
+@gated(_bwd_specs, tensor_cores="wgmma")
+@triton.autotune(
+    _configs([({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2), ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2)],
+             {"BLOCK_M": 32, "BLOCK_N": 16}),
+    key=["HEAD_DIM", "CAUSAL", "ROPE"],
+)
+@triton.jit
+def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, pos_ptr,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                 stride_dqt, stride_dqh, stride_pt, stride_pc, tokens_q, heads, group, qk_scale, scale, log2_theta,
+                 HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
+                 ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One block of BLOCK_M queries of one head; loops over the key blocks it sees."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    seg, h = pid_bh // heads, pid_bh % heads
+    q_start = tl.load(cu_q_ptr + seg)
+    lq = tl.load(cu_q_ptr + seg + 1) - q_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= lq:
+        return
+    k_start = tl.load(cu_k_ptr + seg)
+    lk = tl.load(cu_k_ptr + seg + 1) - k_start
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < lq
+    tok = q_start.to(tl.int64) + rows
+    q_ptr += h * stride_qh
+    do_ptr += h * stride_doh
+    k_ptr += (h // group) * stride_kh
+    v_ptr += (h // group) * stride_vh
+    qa = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+    do_a = _load_tile(do_ptr, tok, row_mask, stride_dot, 0, WA, HEAD_DIM)
+    dq_a = tl.zeros([BLOCK_M, WA], dtype=tl.float32)
+    qb, do_b, dq_b = qa, do_a, dq_a
+    if WB > 0:
+        qb = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+        do_b = _load_tile(do_ptr, tok, row_mask, stride_dot, WA, WB, HEAD_DIM)
+        dq_b = tl.zeros([BLOCK_M, WB], dtype=tl.float32)
+    lse = tl.load(lse_ptr + h * tokens_q + tok, mask=row_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + h * tokens_q + tok, mask=row_mask, other=0.0)
+    full, end = _key_ranges(m0, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)
+    k_start = k_start.to(tl.int64)
+    dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_ptr, k_start, rows, lk,
+                           lk - lq, stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, 0, full,
+                           HEAD_DIM, WA, WB, CAUSAL, ROPE, False, BLOCK_N)
+    dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_ptr, k_start, rows, lk,
+                           lk - lq, stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, full, end,
+                           HEAD_DIM, WA, WB, CAUSAL, ROPE, True, BLOCK_N)
+    dq_ptr += h * stride_dqh
+    _store_qk_grad(dq_ptr, dq_a * scale, tok, row_mask, stride_dqt, pos_ptr, stride_pt, stride_pc, log2_theta,
+                   0, WA, HEAD_DIM, ROPE)
+    if WB > 0:
+        _store_qk_grad(dq_ptr, dq_b * scale, tok, row_mask, stride_dqt, pos_ptr, stride_pt, stride_pc, log2_theta,
+                       WA, WB, HEAD_DIM, ROPE)
+
+
+# ------------------------------------------------------------------ host side
+def _common(q, k, cu_q, rope_pos, theta):
+    """Launch arguments shared by the kernels: constexprs, rope pointer/strides, log2(theta)."""
+    dim = q.shape[2]
+    wa, wb = _tiles(dim)
+    consts = {"HEAD_DIM": dim, "WA": wa, "WB": wb, "ROPE": rope_pos is not None}
+    # without rope the position pointer is never read; any int32 tensor stands in
+    pos, pos_strides = (rope_pos, rope_pos.stride()) if rope_pos is not None else (cu_q, (0, 0))
+    return consts, pos, pos_strides, math.log2(theta)
+
+
+def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta):
+    """(out [Tq, H, D] in q's dtype, lse [H, Tq] fp32 natural log; -inf for rows without a visible key)."""
+    tq, heads, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(heads, tq, dtype=torch.float32, device=q.device)
+    batch = cu_q.numel() - 1
+    if tq == 0 or batch == 0 or max_q == 0:
+        return out, lse
+    consts, pos, pos_strides, log2_theta = _common(q, k, cu_q, rope_pos, theta)
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    _attn_fwd[grid](
+        q, k, v, out, lse, cu_q, cu_k, pos, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+        *pos_strides, tq, heads, heads // k.shape[1], scale * LOG2E, log2_theta, CAUSAL=causal, **consts,
+    )
+    return out, lse
+
+
+def backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta):
+    """(dq, dk, dv), contiguous, in the dtypes of q, k, v; dk/dv summed over each GQA group."""
+    tq, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    batch = cu_q.numel() - 1
+    if batch == 0 or (max_q == 0 and max_k == 0):
+        return dq, dk, dv
+    consts, pos, pos_strides, log2_theta = _common(q, k, cu_q, rope_pos, theta)
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
+    delta = torch.empty(heads, tq, dtype=torch.float32, device=q.device)
+    if tq:
+        block_t = 64
+        _attn_bwd_delta[(triton.cdiv(tq, block_t), heads)](
+            out, grad_out, delta, *out.stride()[:2], *grad_out.stride()[:2], tq,
+            HEAD_DIM=dim, WA=consts["WA"], WB=consts["WB"], BLOCK_T=block_t,
+        )
+    common = (*pos_strides, tq)
+    if max_k:
+        grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
+        _attn_bwd_dkdv[grid](
+            q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k, pos, *q.stride()[:2], *k.stride()[:2],
+            *v.stride()[:2], *grad_out.stride()[:2], *dk.stride()[:2], *dv.stride()[:2], *common, kv_heads,
+            heads // kv_heads, scale * LOG2E, scale, log2_theta, CAUSAL=causal, **consts,
+        )
+    if max_q:
+        grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+        _attn_bwd_dq[grid](
+            q, k, v, grad_out, lse, delta, dq, cu_q, cu_k, pos, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+            *grad_out.stride()[:2], *dq.stride()[:2], *common, heads, heads // kv_heads, scale * LOG2E, scale,
+            log2_theta, CAUSAL=causal, **consts,
+        )
+    return dq, dk, dv
