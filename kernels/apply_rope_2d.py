@@ -1,0 +1,98 @@
+"""2D rotary embedding of vision tokens (Qwen2-VL convention), one read and one write of x.
+
+Pair (i, i + D/2) rotates by row * f_i for i < D/4 and by col * f_(i - D/4) after, with
+f_j = theta^(-4j/D). A program takes a block of tokens: it reads their positions once, computes
+cos/sin of the D/2 angles once (in fp32, from pos and theta: no table in memory) and applies them
+to a group of heads. Half vectors are padded to a power of two and masked (D = 72, 80, 96, ...).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import Spec, gated, signature
+
+HEAD_DIMS = (16, 64, 72, 80, 96, 128)  # compiled by the gate; any multiple of 4 runs
+TILE = 1024  # elements of one [BLOCK_T, BLOCK_HALF] tile: 8 per thread with 4 warps, ~70 registers
+
+
+def _specs(fn):
+    return [
+        Spec(f"{name} D={d}", signature(fn, name, pos_ptr="*i32", log2_theta="fp32", sin_sign="fp32"),
+             {"HEAD_DIM": d, **_blocks(d)}, {"num_warps": 4})
+        for name in ("fp16", "bf16", "fp32")
+        for d in HEAD_DIMS
+    ]
+
+
+@gated(_specs)
+@triton.jit
+def _rope_2d_kernel(
+    x_ptr, y_ptr, pos_ptr, T, H, heads_per_program,
+    stride_xt, stride_xh, stride_yt, stride_yh,
+    log2_theta, sin_sign,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < T
+    tok = tok.to(tl.int64)
+    row = tl.load(pos_ptr + 2 * tok, mask=tok_ok, other=0).to(tl.float32)
+    col = tl.load(pos_ptr + 2 * tok + 1, mask=tok_ok, other=0).to(tl.float32)
+
+    i = tl.arange(0, BLOCK_HALF)
+    first = i < QUARTER  # first quarter of each half follows the row, second the column
+    j = tl.where(first, i, i - QUARTER).to(tl.float32)
+    inv_freq = tl.exp2(j * (-4.0 / HEAD_DIM) * log2_theta)
+    angle = tl.where(first[None, :], row[:, None], col[:, None]) * inv_freq[None, :]
+    cos = tl.cos(angle)
+    sin = tl.sin(angle) * sin_sign
+    mask = tok_ok[:, None] & (i < HALF)[None, :]
+
+    x_tok = x_ptr + tok[:, None] * stride_xt + i[None, :]
+    y_tok = y_ptr + tok[:, None] * stride_yt + i[None, :]
+    h0 = tl.program_id(1) * heads_per_program
+    for h in range(h0, tl.minimum(h0 + heads_per_program, H)):
+        x1 = tl.load(x_tok + h * stride_xh, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_tok + h * stride_xh + HALF, mask=mask, other=0.0).to(tl.float32)
+        y1 = x1 * cos - x2 * sin
+        y2 = x2 * cos + x1 * sin
+        tl.store(y_tok + h * stride_yh, y1.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_tok + h * stride_yh + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(head_dim):
+    block_half = triton.next_power_of_2(head_dim // 2)
+    return {"BLOCK_T": max(16, TILE // block_half), "BLOCK_HALF": block_half}
+
+
+def _heads_per_program(token_blocks, heads, device):
+    """All heads in one program (cos/sin computed once per token) unless that leaves SMs idle."""
+    if device.type != "cuda":
+        return heads
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    groups = min(heads, triton.cdiv(programs, token_blocks))
+    return triton.cdiv(heads, groups)
+
+
+def apply_rope_2d(x, pos, theta, inverse, heads_per_program=None):
+    """y [T, H, D] = x rotated by pos [T, 2] (by the negative angles when ``inverse``).
+
+    x needs a unit last stride; its token and head strides are free (e.g. a slice of a qkv tensor).
+    """
+    T, H, D = x.shape
+    y = torch.empty_like(x)
+    if y.numel() == 0:
+        return y
+    blocks = _blocks(D)
+    token_blocks = triton.cdiv(T, blocks["BLOCK_T"])
+    per = heads_per_program or _heads_per_program(token_blocks, H, x.device)
+    _rope_2d_kernel[(token_blocks, triton.cdiv(H, per))](
+        x, y, pos.contiguous(), T, H, per,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        math.log2(theta), -1.0 if inverse else 1.0,
+        HEAD_DIM=D, **blocks,
+    )
+    return y
