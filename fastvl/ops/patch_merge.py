@@ -40,59 +40,75 @@ def patch_merge(x, ln_w, ln_b, w1, b1, w2, b2, merge_size=2, eps=1e-6, *, norm="
     check.shape("b1", b1, (hidden,))
     check.shape("w2", w2, (None, hidden))
     check.shape("b2", b2, (w2.shape[0],))
-    return torch.ops.fastvl.patch_merge(x, ln_w, ln_b, w1, b1, w2, b2, m, check.number("eps", eps), norm)
+    # the kernel keeps activations for backward only when a gradient will be asked for
+    save = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, *params.values()))
+    return torch.ops.fastvl.patch_merge(x, ln_w, ln_b, w1, b1, w2, b2, m, check.number("eps", eps), norm, save)[0]
 
 
 def _reference(x, ln_w, ln_b, w1, b1, w2, b2, m, eps, norm):
     return reference.patch_merge(x, ln_w, ln_b, w1, b1, w2, b2, m, eps, norm=norm)
 
 
+def _saves(x, save):
+    """Whether the forward keeps the kernel's activations: (mean, rstd) [2, T] fp32, fc1's pre-GELU and GELU outputs."""
+    return save and kernel_module("patch_merge", x) is not None
+
+
 @torch.library.custom_op("fastvl::patch_merge", mutates_args=())
 def _forward(
     x: Tensor, ln_w: Tensor, ln_b: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-    merge_size: int, eps: float, norm: str,
-) -> Tensor:
+    merge_size: int, eps: float, norm: str, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, stats, pre, act); the last three are empty unless _saves() (the reference backward recomputes)."""
     kernel = kernel_module("patch_merge", x)
     if kernel is not None:
-        return kernel.forward(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm)
-    return _reference(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm)
+        return kernel.forward(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm, save)
+    out = _reference(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm)
+    return out, x.new_empty(0, dtype=torch.float32), x.new_empty(0), x.new_empty(0)
 
 
 @_forward.register_fake
-def _(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm):
-    return x.new_empty(x.shape[0] // (merge_size * merge_size), w2.shape[0])
+def _(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm, save):
+    rows, hidden = x.shape[0] // (merge_size * merge_size), w1.shape[0]
+    out = x.new_empty(rows, w2.shape[0])
+    if _saves(x, save):
+        return out, x.new_empty(2, x.shape[0], dtype=torch.float32), x.new_empty(rows, hidden), x.new_empty(rows, hidden)
+    return out, x.new_empty(0, dtype=torch.float32), x.new_empty(0), x.new_empty(0)
 
 
 @torch.library.custom_op("fastvl::patch_merge_backward", mutates_args=())
 def _backward(
     grad: Tensor, x: Tensor, ln_w: Tensor, ln_b: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-    merge_size: int, eps: float, norm: str,
+    stats: Tensor, pre: Tensor, act: Tensor, merge_size: int, eps: float, norm: str,
 ) -> list[Tensor]:
     """Gradients of the seven inputs; an empty tensor stands for ln_b's when it is None."""
-    kernel = kernel_module("patch_merge", x)
+    # the kernel backward needs the forward kernel's activations (absent when the reference ran it, or T = 0)
+    kernel = kernel_module("patch_merge", x) if stats.numel() else None
     if kernel is not None:
-        grads = kernel.backward(grad, x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm)
+        grads = kernel.backward(grad, x, ln_w, ln_b, w1, b1, w2, b2, stats, pre, act, merge_size, eps, norm)
     else:
         grads = reference_vjp(_reference, [x, ln_w, ln_b, w1, b1, w2, b2], grad, merge_size, eps, norm)
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
 @_backward.register_fake
-def _(grad, x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm):
+def _(grad, x, ln_w, ln_b, w1, b1, w2, b2, stats, pre, act, merge_size, eps, norm):
     return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, ln_w, ln_b, w1, b1, w2, b2)]
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, merge_size, eps, norm = inputs
-    ctx.save_for_backward(*tensors)
+    *tensors, merge_size, eps, norm, _ = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*tensors, *output[1:])
     ctx.args = (merge_size, eps, norm)
 
 
-def _autograd_backward(ctx, grad):
-    tensors = ctx.saved_tensors
-    grads = _backward(grad.contiguous(), *tensors, *ctx.args)
+def _autograd_backward(ctx, grad, *_):
+    *tensors, stats, pre, act = ctx.saved_tensors
+    # the kernel reads grad through its strides (an expanded gradient has stride 0): no copy
+    grads = _backward(grad, *tensors, stats, pre, act, *ctx.args)
     grads = [None if t is None else g for t, g in zip(tensors, grads)]
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
