@@ -1,5 +1,6 @@
 """fastvl: fused Triton kernels and model code for fast small vision-language models."""
 from ._backend import get_backend, set_backend, use_backend
+from .integrations import patch, unpatch  # noqa: F401  (transformers is imported on first use)
 from .ops import (
     apply_rope_2d, deepstack_add, patch_merge, spatial_attention_pool, varlen_attention, vision_positions,
 )

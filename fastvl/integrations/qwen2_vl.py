@@ -1,0 +1,163 @@
+"""Qwen2-VL and Qwen2.5-VL vision towers (transformers 5.x) on the fastvl ops.
+
+The patched tower computes the packing of a forward on the host from ``grid_thw`` once: per-frame
+``cu_seqlens``, Qwen2.5-VL's window segments and token order, and the (row, col) of every token.
+Every block reuses them: its attention runs ``varlen_attention`` with the 2D RoPE fused
+(``rope_pos``; no cos/sin tables, no rotated copies of q and k), and the merger runs ``patch_merge``.
+Weights stay in the original modules; only ``forward`` of the tower and of each block's attention
+is replaced, on the instances.
+"""
+import types
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from ..ops import _checks as check
+from ..ops import patch_merge, varlen_attention, vision_positions
+from ._host import to_device
+
+TOWERS = (Qwen2VisionTransformerPretrainedModel, Qwen2_5_VisionTransformerPretrainedModel)
+# inputs transformers lets callers precompute; the patched tower derives them from grid_thw itself
+_PRECOMPUTED = ("cu_seqlens", "max_seqlen", "position_ids", "window_index", "cu_window_seqlens", "max_window_seqlen")
+
+
+class VisionLayout(NamedTuple):
+    """How a packed batch of images runs through the tower; built once per forward."""
+
+    positions: Tensor  # [T, 2] int32 (row, col) of each token, in the tower's token order
+    cu_seqlens: Tensor  # int32 [frames + 1]: one attention segment per image frame
+    max_seqlen: int
+    cu_window_seqlens: Optional[Tensor] = None  # int32: Qwen2.5-VL's window segments
+    max_window_seqlen: Optional[int] = None
+    window_index: Optional[Tensor] = None  # window order of the merge groups (m*m consecutive tokens)
+    reverse_index: Optional[Tensor] = None  # its inverse: merged tokens back to image order
+
+
+def vision_layout(grid_thw, merge_size, window=None, device=None) -> VisionLayout:
+    """The layout of ``grid_thw`` [N, 3] (t, h, w patches per image); ``window``: merged tokens per
+    window side for Qwen2.5-VL window attention, None for Qwen2-VL.
+
+    Reads ``grid_thw`` once (the only host sync of a forward) and ships the result to ``device``
+    in one copy.
+    """
+    device = grid_thw.device if device is None else device
+    grid = grid_thw.to("cpu", torch.int64)
+    unit = merge_size * merge_size
+    positions = vision_positions(grid, merge_size)
+    frames = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0])
+    cu_seqlens = F.pad(frames.cumsum(0), (1, 0)).to(torch.int32)
+    max_seqlen = int(frames.max()) if frames.numel() else 0
+    if window is None:
+        return VisionLayout(*to_device(device, positions, cu_seqlens), max_seqlen)
+    order, lengths = _window_order(grid, merge_size, window)
+    positions = positions.view(-1, unit, 2)[order].view(-1, 2)
+    cu_windows = F.pad(lengths.cumsum(0) * unit, (1, 0)).to(torch.int32)
+    max_window = int(lengths.max()) * unit if lengths.numel() else 0
+    positions, cu_seqlens, cu_windows, order, reverse = to_device(
+        device, positions, cu_seqlens, cu_windows, order, torch.argsort(order)
+    )
+    return VisionLayout(positions, cu_seqlens, max_seqlen, cu_windows, max_window, order, reverse)
+
+
+def _window_order(grid, merge_size, window):
+    """Merge groups in window order: per frame, windows of window x window merged tokens tile the
+    merged grid row-major (edge windows are partial), tokens row-major inside a window.
+
+    Returns (order [groups], tokens-per-window [windows]) in merge groups.
+    """
+    orders, lengths, offset = [], [], 0
+    for t, h, w in grid.tolist():
+        h, w = h // merge_size, w // merge_size
+        rows, cols = -(-h // window), -(-w // window)
+        index = torch.arange(t * h * w).view(t, h, w)
+        index = F.pad(index, (0, cols * window - w, 0, rows * window - h), value=-1)
+        index = index.view(t, rows, window, cols, window).transpose(2, 3).reshape(-1, window * window)
+        valid = index >= 0
+        orders.append(index[valid] + offset)
+        lengths.append(valid.sum(1))
+        offset += t * h * w
+    return torch.cat(orders), torch.cat(lengths)
+
+
+@merge_with_config_defaults
+@capture_outputs
+def _vision_forward(self, hidden_states, grid_thw, **kwargs):
+    given = [name for name in _PRECOMPUTED if kwargs.get(name) is not None]
+    if given:
+        raise TypeError(f"{given[0]}: the fastvl-patched vision tower derives it from grid_thw; do not pass it")
+    windowed = isinstance(self, Qwen2_5_VisionTransformerPretrainedModel)
+    m = self.spatial_merge_size
+    window = self.window_size // m // self.patch_size if windowed else None
+    layout = vision_layout(grid_thw, m, window, device=hidden_states.device)
+    hidden_states = self.patch_embed(hidden_states)
+    if windowed:
+        hidden_states = hidden_states.view(-1, m * m, hidden_states.shape[-1])
+        hidden_states = hidden_states.index_select(0, layout.window_index).flatten(0, 1)
+    for i, block in enumerate(self.blocks):
+        if windowed and i not in self.fullatt_block_indexes:
+            cu_seqlens, max_seqlen = layout.cu_window_seqlens, layout.max_window_seqlen
+        else:
+            cu_seqlens, max_seqlen = layout.cu_seqlens, layout.max_seqlen
+        hidden_states = block(
+            hidden_states, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, rope_pos=layout.positions, **kwargs
+        )
+    merged = _merge(self.merger, hidden_states, m)
+    if windowed:
+        merged = merged.index_select(0, layout.reverse_index)
+    return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=merged)
+
+
+def _attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, *, rope_pos, max_seqlen, **kwargs):
+    """Self-attention of a block: qkv projection, fused 2D RoPE + varlen attention, output projection."""
+    if position_embeddings is not None:
+        raise TypeError("position_embeddings: the fastvl attention rotates q and k from rope_pos itself")
+    tokens = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
+    out = varlen_attention(
+        q, k, v, cu_seqlens, max_seqlen_q=max_seqlen, softmax_scale=self.scaling,
+        rope_pos=rope_pos, rope_theta=self.config.rope_parameters["rope_theta"],
+    )
+    return self.proj(out.reshape(tokens, -1))
+
+
+def _merge(merger, x, merge_size):
+    """The tower's PatchMerger (LayerNorm for Qwen2-VL, RMSNorm for Qwen2.5-VL) as one patch_merge."""
+    ln, fc1, fc2 = merger.ln_q, merger.mlp[0], merger.mlp[2]
+    layernorm = isinstance(ln, nn.LayerNorm)
+    params = [ln.weight, ln.bias if layernorm else None, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+    if torch.is_autocast_enabled(x.device.type):
+        # autocast leaves fp32 weights beside low-precision activations; the op wants one dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, params = x.to(dtype), [None if p is None else p.to(dtype) for p in params]
+    eps = ln.eps if layernorm else ln.variance_epsilon
+    return patch_merge(x, *params, merge_size, eps, norm="layernorm" if layernorm else "rmsnorm")
+
+
+def is_patched(tower) -> bool:
+    return getattr(tower.__dict__.get("forward"), "__func__", None) is _vision_forward
+
+
+def patch_tower(tower):
+    """Bind the fastvl forwards to ``tower`` and to its blocks' attention modules (idempotent)."""
+    head_dim = tower.blocks[0].attn.head_dim if len(tower.blocks) else check.HEAD_DIMS[0]
+    if head_dim not in check.HEAD_DIMS:
+        raise ValueError(f"model: vision head_dim {head_dim} is not supported; expected one of {check.HEAD_DIMS}")
+    if is_patched(tower):
+        return
+    tower.forward = types.MethodType(_vision_forward, tower)
+    for block in tower.blocks:
+        block.attn.forward = types.MethodType(_attention_forward, block.attn)
+
+
+def unpatch_tower(tower):
+    """Restore the transformers forwards (the class methods)."""
+    for module in [tower, *(block.attn for block in tower.blocks)]:
+        if getattr(module.__dict__.get("forward"), "__func__", None) in (_vision_forward, _attention_forward):
+            del module.forward
