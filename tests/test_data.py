@@ -159,6 +159,10 @@ def test_processors_validate_images(images, error, match):
 def test_processors_validate_arguments():
     with pytest.raises(ValueError, match="resize_factor"):
         NativeResolutionProcessor(resize_factor=42)
+    with pytest.raises(ValueError, match="merge_size"):
+        NativeResolutionProcessor(merge_size=0)
+    with pytest.raises(ValueError, match="min_pixels"):
+        NativeResolutionProcessor(min_pixels=10 ** 6, max_pixels=10 ** 5)
     with pytest.raises(ValueError, match="image_std"):
         NativeResolutionProcessor(image_std=(1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="mean"):
@@ -591,6 +595,7 @@ def test_llava_dataset_errors(tok, llava_files, tmp_path):
     with pytest.raises(ValueError, match="num_image_tokens"):
         LlavaDataset(root / "data.json", root / "images", tok, proc, "phi2", -1)
     (root / "images" / "broken.png").write_bytes(b"not an image")
-    (tmp_path / "broken.json").write_text(json.dumps([{"image": "broken.png", "conversations": LLAVA["conversations"]}]))
+    broken = [{"image": "broken.png", "conversations": LLAVA["conversations"]}]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="broken.png.*cannot be read"):
         LlavaDataset(tmp_path / "broken.json", root / "images", tok, proc, "phi2", 81)[0]

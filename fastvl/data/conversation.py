@@ -174,6 +174,7 @@ def tokenize_conversation(conversation, tokenizer, template, num_image_tokens=()
     ``max_length`` truncates the end of the sequence, never through image tokens (ValueError then).
     """
     template = get_template(template)
+    num_image_tokens = () if num_image_tokens is None else num_image_tokens
     needed = template.special_tokens + ((QUERY_TOKEN,) if num_query_tokens else ())
     for token in needed:
         if _single_token_id(tokenizer, token) is None:

@@ -4,7 +4,6 @@ Both processors take a list of images (PIL images or HWC uint8 numpy arrays), re
 on uint8 pixels (as the Hugging Face processors do), rescale by 1/255 and normalise per channel.
 """
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -95,18 +94,19 @@ class NativeResolutionProcessor:
 
     def __init__(self, patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=56 * 56,
                  max_pixels=28 * 28 * 1280, image_mean=CLIP_MEAN, image_std=CLIP_STD, resize_factor=None):
+        resize_factor = patch_size * merge_size if resize_factor is None else resize_factor
         for name, value in (("patch_size", patch_size), ("temporal_patch_size", temporal_patch_size),
-                            ("merge_size", merge_size)):
+                            ("merge_size", merge_size), ("resize_factor", resize_factor)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if resize_factor % (patch_size * merge_size):
+            raise ValueError(f"resize_factor ({resize_factor}) must be a multiple of patch_size * merge_size "
+                             f"({patch_size * merge_size})")
+        smart_resize(resize_factor, resize_factor, resize_factor, min_pixels, max_pixels)  # checks the budget
         self.patch_size = patch_size
         self.temporal_patch_size = temporal_patch_size
         self.merge_size = merge_size
-        self.resize_factor = patch_size * merge_size if resize_factor is None else resize_factor
-        if self.resize_factor % (patch_size * merge_size):
-            raise ValueError(f"resize_factor ({resize_factor}) must be a multiple of patch_size * merge_size "
-                             f"({patch_size * merge_size})")
-        smart_resize(self.resize_factor, self.resize_factor, self.resize_factor, min_pixels, max_pixels)
+        self.resize_factor = resize_factor
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.image_mean = _channel_stats(image_mean, "image_mean")
