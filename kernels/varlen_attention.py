@@ -57,7 +57,25 @@ def _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta
     row = tl.load(pos_ptr + tok * stride_pt, mask=tok_mask, other=0).to(tl.float32)
     col = tl.load(pos_ptr + tok * stride_pt + stride_pc, mask=tok_mask, other=0).to(tl.float32)
     angle = tl.where(use_col[None, :], col[:, None], row[:, None]) * freq[None, :]
-    return tl.cos(angle), tl.sin(angle)
+    return _cos_sin(angle)
+
+
+@triton.jit
+def _cos_sin(x):
+    """cos(x), sin(x) in fp32 arithmetic, ~1e-7 absolute for |x| up to thousands of radians: reduction by
+    pi/2 in three exact parts, then Taylor polynomials on [-pi/4, pi/4]. (tl.cos/tl.sin lower to libdevice,
+    whose huge-argument path needs a stack frame; the MUFU approximations lose accuracy past a few pi.)"""
+    quadrant = tl.floor(x * 0.6366197723675814 + 0.5)
+    r = x - quadrant * 1.5703125 - quadrant * 4.837512969970703125e-4 - quadrant * 7.54978995489188216e-8
+    r2 = r * r
+    sin_r = r + r * r2 * (-1.6666666666666666e-1 + r2 * (8.333333333333333e-3 + r2 * (-1.984126984126984e-4
+                                                                                    + r2 * 2.7557319223985893e-6)))
+    cos_r = 1.0 + r2 * (-0.5 + r2 * (4.1666666666666664e-2 + r2 * (-1.3888888888888889e-3 + r2 * 2.48015873015873e-5)))
+    k = quadrant - 4.0 * tl.floor(quadrant * 0.25)  # quadrant mod 4
+    odd = (k == 1.0) | (k == 3.0)
+    c = tl.where(odd, sin_r, cos_r)
+    s = tl.where(odd, cos_r, sin_r)
+    return tl.where((k == 1.0) | (k == 2.0), -c, c), tl.where(k >= 2.0, -s, s)
 
 
 @triton.jit
@@ -125,18 +143,17 @@ def _key_ranges(m0, lq, lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N
 
 # ------------------------------------------------------------------ forward
 @triton.jit
-def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_ptr, k_start, rows, lk, causal_shift,
+def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_ptr, rows, lk, causal_shift,
                stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, start, end,
                HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
                ROPE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < lk
-        tok = k_start + cols
-        k = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+        k = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
         s = tl.dot(qa, tl.trans(k))
         if WB > 0:
-            k = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+            k = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
             s = tl.dot(qb, tl.trans(k), s)
         s = s * qk_scale
         if MASK:
@@ -151,11 +168,11 @@ def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_ptr, k_start, r
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptr, tok, col_mask, stride_vt, 0, WA, HEAD_DIM)
+        v = _load_tile(v_ptr, cols, col_mask, stride_vt, 0, WA, HEAD_DIM)
         p = p.to(v.dtype)
         acc_a = tl.dot(p, v, acc_a * alpha[:, None])
         if WB > 0:
-            v = _load_tile(v_ptr, tok, col_mask, stride_vt, WA, WB, HEAD_DIM)
+            v = _load_tile(v_ptr, cols, col_mask, stride_vt, WA, WB, HEAD_DIM)
             acc_b = tl.dot(p, v, acc_b * alpha[:, None])
         m_i = m_new
     return acc_a, acc_b, m_i, l_i
@@ -193,36 +210,39 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, pos_ptr,
     lk = tl.load(cu_k_ptr + seg + 1) - k_start
     rows = m0 + tl.arange(0, BLOCK_M)
     row_mask = rows < lq
-    tok = q_start.to(tl.int64) + rows
-    q_ptr += h * stride_qh
-    k_ptr += (h // group) * stride_kh
-    v_ptr += (h // group) * stride_vh
-    qa = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+    # 64-bit segment offsets in the base pointers, 32-bit offsets within a segment
+    q_start, k_start = q_start.to(tl.int64), k_start.to(tl.int64)
+    q_ptr += q_start * stride_qt + h * stride_qh
+    o_ptr += q_start * stride_ot + h * stride_oh
+    lse_ptr += h * tokens_q + q_start
+    k_ptr += k_start * stride_kt + (h // group) * stride_kh
+    v_ptr += k_start * stride_vt + (h // group) * stride_vh
+    pos_k = pos_ptr + k_start * stride_pt
+    pos_ptr += q_start * stride_pt
+    qa = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
     qb = qa
     acc_a = tl.zeros([BLOCK_M, WA], dtype=tl.float32)
     acc_b = acc_a
     if WB > 0:
-        qb = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+        qb = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
         acc_b = tl.zeros([BLOCK_M, WB], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     full, end = _key_ranges(m0, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)
-    k_start = k_start.to(tl.int64)
     acc_a, acc_b, m_i, l_i = _fwd_tiles(
-        acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_ptr, k_start, rows, lk, lk - lq, stride_kt, stride_vt,
+        acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_k, rows, lk, lk - lq, stride_kt, stride_vt,
         stride_pt, stride_pc, qk_scale, log2_theta, 0, full, HEAD_DIM, WA, WB, CAUSAL, ROPE, False, BLOCK_N)
     acc_a, acc_b, m_i, l_i = _fwd_tiles(
-        acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_ptr, k_start, rows, lk, lk - lq, stride_kt, stride_vt,
+        acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_k, rows, lk, lk - lq, stride_kt, stride_vt,
         stride_pt, stride_pc, qk_scale, log2_theta, full, end, HEAD_DIM, WA, WB, CAUSAL, ROPE, True, BLOCK_N)
     # rows without a visible key: output 0, lse -inf (l_i == 0)
     has_key = l_i > 0
     inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
-    o_ptr += h * stride_oh
-    _store_tile(o_ptr, acc_a * inv_l[:, None], tok, row_mask, stride_ot, 0, WA, HEAD_DIM)
+    _store_tile(o_ptr, acc_a * inv_l[:, None], rows, row_mask, stride_ot, 0, WA, HEAD_DIM)
     if WB > 0:
-        _store_tile(o_ptr, acc_b * inv_l[:, None], tok, row_mask, stride_ot, WA, WB, HEAD_DIM)
+        _store_tile(o_ptr, acc_b * inv_l[:, None], rows, row_mask, stride_ot, WA, WB, HEAD_DIM)
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(lse_ptr + h * tokens_q + tok, lse, mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
 
 
 # ------------------------------------------------------------------ backward
@@ -267,8 +287,7 @@ def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, stride_ot, stride_oh, stride_dot, 
 
 @triton.jit
 def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, delta_ptr, pos_ptr,
-                q_start, cols, lq, causal_shift, stride_qt, stride_dot, stride_pt, stride_pc, tokens_q,
-                qk_scale, log2_theta, start, end,
+                cols, lq, causal_shift, stride_qt, stride_dot, stride_pt, stride_pc, qk_scale, log2_theta, start, end,
                 HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, ROPE: tl.constexpr,
                 MASK: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate dk/dv of one k block over q blocks [start, end) of one query head (transposed
@@ -276,24 +295,23 @@ def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, 
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < lq
-        tok = q_start + rows
-        q = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+        q = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
         s_t = tl.dot(ka, tl.trans(q))
         if WB > 0:
-            qb = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+            qb = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
             s_t = tl.dot(kb, tl.trans(qb), s_t)
-        lse = tl.load(lse_ptr + tok, mask=row_mask, other=0.0) * 1.4426950408889634
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * 1.4426950408889634
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
         if MASK:  # causal diagonal; also drops rows without a visible key (lse = -inf)
             p_t = tl.where(cols[:, None] <= rows[None, :] + causal_shift, p_t, 0.0)
-        do = _load_tile(do_ptr, tok, row_mask, stride_dot, 0, WA, HEAD_DIM)
+        do = _load_tile(do_ptr, rows, row_mask, stride_dot, 0, WA, HEAD_DIM)
         dp_t = tl.dot(va, tl.trans(do))
         dv_a = tl.dot(p_t.to(do.dtype), do, dv_a)
         if WB > 0:
-            do = _load_tile(do_ptr, tok, row_mask, stride_dot, WA, WB, HEAD_DIM)
+            do = _load_tile(do_ptr, rows, row_mask, stride_dot, WA, WB, HEAD_DIM)
             dp_t = tl.dot(vb, tl.trans(do), dp_t)
             dv_b = tl.dot(p_t.to(do.dtype), do, dv_b)
-        delta = tl.load(delta_ptr + tok, mask=row_mask, other=0.0)
+        delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk_a = tl.dot(ds_t, q, dk_a)
         if WB > 0:
@@ -324,20 +342,27 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
         return
     q_start = tl.load(cu_q_ptr + seg)
     lq = tl.load(cu_q_ptr + seg + 1) - q_start
-    q_start = q_start.to(tl.int64)
     cols = n0 + tl.arange(0, BLOCK_N)
     col_mask = cols < lk
-    tok = k_start.to(tl.int64) + cols
-    k_ptr += hk * stride_kh
-    v_ptr += hk * stride_vh
-    ka = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
-    va = _load_tile(v_ptr, tok, col_mask, stride_vt, 0, WA, HEAD_DIM)
+    q_start, k_start = q_start.to(tl.int64), k_start.to(tl.int64)
+    q_ptr += q_start * stride_qt
+    do_ptr += q_start * stride_dot
+    lse_ptr += q_start
+    delta_ptr += q_start
+    pos_q = pos_ptr + q_start * stride_pt
+    k_ptr += k_start * stride_kt + hk * stride_kh
+    v_ptr += k_start * stride_vt + hk * stride_vh
+    dk_ptr += k_start * stride_dkt + hk * stride_dkh
+    dv_ptr += k_start * stride_dvt + hk * stride_dvh
+    pos_ptr += k_start * stride_pt
+    ka = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+    va = _load_tile(v_ptr, cols, col_mask, stride_vt, 0, WA, HEAD_DIM)
     dk_a = tl.zeros([BLOCK_N, WA], dtype=tl.float32)
     dv_a = dk_a
     kb, vb, dk_b, dv_b = ka, va, dk_a, dv_a
     if WB > 0:
-        kb = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
-        vb = _load_tile(v_ptr, tok, col_mask, stride_vt, WA, WB, HEAD_DIM)
+        kb = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+        vb = _load_tile(v_ptr, cols, col_mask, stride_vt, WA, WB, HEAD_DIM)
         dk_b = tl.zeros([BLOCK_N, WB], dtype=tl.float32)
         dv_b = dk_b
     shift = lk - lq
@@ -348,44 +373,38 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
         full = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M, start)
     for g in range(group):
         h = hk * group + g
-        qh_ptr = q_ptr + h * stride_qh
-        doh_ptr = do_ptr + h * stride_doh
+        head = (q_ptr + h * stride_qh, do_ptr + h * stride_doh, lse_ptr + h * tokens_q, delta_ptr + h * tokens_q)
         dk_a, dk_b, dv_a, dv_b = _dkdv_tiles(
-            dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qh_ptr, doh_ptr, lse_ptr + h * tokens_q, delta_ptr + h * tokens_q,
-            pos_ptr, q_start, cols, lq, shift, stride_qt, stride_dot, stride_pt, stride_pc, tokens_q, qk_scale,
-            log2_theta, start, tl.minimum(full, lq), HEAD_DIM, WA, WB, ROPE, True, BLOCK_M)
+            dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, *head, pos_q, cols, lq, shift, stride_qt, stride_dot,
+            stride_pt, stride_pc, qk_scale, log2_theta, start, tl.minimum(full, lq), HEAD_DIM, WA, WB, ROPE, True, BLOCK_M)
         dk_a, dk_b, dv_a, dv_b = _dkdv_tiles(
-            dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qh_ptr, doh_ptr, lse_ptr + h * tokens_q, delta_ptr + h * tokens_q,
-            pos_ptr, q_start, cols, lq, shift, stride_qt, stride_dot, stride_pt, stride_pc, tokens_q, qk_scale,
-            log2_theta, full, lq, HEAD_DIM, WA, WB, ROPE, False, BLOCK_M)
-    dk_ptr += hk * stride_dkh
-    dv_ptr += hk * stride_dvh
-    _store_qk_grad(dk_ptr, dk_a * scale, tok, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc, log2_theta,
+            dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, *head, pos_q, cols, lq, shift, stride_qt, stride_dot,
+            stride_pt, stride_pc, qk_scale, log2_theta, full, lq, HEAD_DIM, WA, WB, ROPE, False, BLOCK_M)
+    _store_qk_grad(dk_ptr, dk_a * scale, cols, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc, log2_theta,
                    0, WA, HEAD_DIM, ROPE)
-    _store_tile(dv_ptr, dv_a, tok, col_mask, stride_dvt, 0, WA, HEAD_DIM)
+    _store_tile(dv_ptr, dv_a, cols, col_mask, stride_dvt, 0, WA, HEAD_DIM)
     if WB > 0:
-        _store_qk_grad(dk_ptr, dk_b * scale, tok, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc, log2_theta,
+        _store_qk_grad(dk_ptr, dk_b * scale, cols, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc, log2_theta,
                        WA, WB, HEAD_DIM, ROPE)
-        _store_tile(dv_ptr, dv_b, tok, col_mask, stride_dvt, WA, WB, HEAD_DIM)
+        _store_tile(dv_ptr, dv_b, cols, col_mask, stride_dvt, WA, WB, HEAD_DIM)
 
 
 @triton.jit
-def _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_ptr, k_start, rows, lk, causal_shift,
+def _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_ptr, rows, lk, causal_shift,
               stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, start, end,
               HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
               ROPE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < lk
-        tok = k_start + cols
-        ka = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
-        v = _load_tile(v_ptr, tok, col_mask, stride_vt, 0, WA, HEAD_DIM)
+        ka = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+        v = _load_tile(v_ptr, cols, col_mask, stride_vt, 0, WA, HEAD_DIM)
         s = tl.dot(qa, tl.trans(ka))
         dp = tl.dot(do_a, tl.trans(v))
         kb = ka
         if WB > 0:
-            kb = _load_qk(k_ptr, tok, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
-            v = _load_tile(v_ptr, tok, col_mask, stride_vt, WA, WB, HEAD_DIM)
+            kb = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+            v = _load_tile(v_ptr, cols, col_mask, stride_vt, WA, WB, HEAD_DIM)
             s = tl.dot(qb, tl.trans(kb), s)
             dp = tl.dot(do_b, tl.trans(v), dp)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
@@ -425,34 +444,35 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_p
     lk = tl.load(cu_k_ptr + seg + 1) - k_start
     rows = m0 + tl.arange(0, BLOCK_M)
     row_mask = rows < lq
-    tok = q_start.to(tl.int64) + rows
-    q_ptr += h * stride_qh
-    do_ptr += h * stride_doh
-    k_ptr += (h // group) * stride_kh
-    v_ptr += (h // group) * stride_vh
-    qa = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
-    do_a = _load_tile(do_ptr, tok, row_mask, stride_dot, 0, WA, HEAD_DIM)
+    q_start, k_start = q_start.to(tl.int64), k_start.to(tl.int64)
+    q_ptr += q_start * stride_qt + h * stride_qh
+    do_ptr += q_start * stride_dot + h * stride_doh
+    dq_ptr += q_start * stride_dqt + h * stride_dqh
+    k_ptr += k_start * stride_kt + (h // group) * stride_kh
+    v_ptr += k_start * stride_vt + (h // group) * stride_vh
+    pos_k = pos_ptr + k_start * stride_pt
+    pos_ptr += q_start * stride_pt
+    qa = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+    do_a = _load_tile(do_ptr, rows, row_mask, stride_dot, 0, WA, HEAD_DIM)
     dq_a = tl.zeros([BLOCK_M, WA], dtype=tl.float32)
     qb, do_b, dq_b = qa, do_a, dq_a
     if WB > 0:
-        qb = _load_qk(q_ptr, tok, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
-        do_b = _load_tile(do_ptr, tok, row_mask, stride_dot, WA, WB, HEAD_DIM)
+        qb = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+        do_b = _load_tile(do_ptr, rows, row_mask, stride_dot, WA, WB, HEAD_DIM)
         dq_b = tl.zeros([BLOCK_M, WB], dtype=tl.float32)
-    lse = tl.load(lse_ptr + h * tokens_q + tok, mask=row_mask, other=0.0) * 1.4426950408889634
-    delta = tl.load(delta_ptr + h * tokens_q + tok, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + h * tokens_q + q_start + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + h * tokens_q + q_start + rows, mask=row_mask, other=0.0)
     full, end = _key_ranges(m0, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)
-    k_start = k_start.to(tl.int64)
-    dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_ptr, k_start, rows, lk,
-                           lk - lq, stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, 0, full,
+    dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_k, rows, lk, lk - lq,
+                           stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, 0, full,
                            HEAD_DIM, WA, WB, CAUSAL, ROPE, False, BLOCK_N)
-    dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_ptr, k_start, rows, lk,
-                           lk - lq, stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, full, end,
+    dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_k, rows, lk, lk - lq,
+                           stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, full, end,
                            HEAD_DIM, WA, WB, CAUSAL, ROPE, True, BLOCK_N)
-    dq_ptr += h * stride_dqh
-    _store_qk_grad(dq_ptr, dq_a * scale, tok, row_mask, stride_dqt, pos_ptr, stride_pt, stride_pc, log2_theta,
+    _store_qk_grad(dq_ptr, dq_a * scale, rows, row_mask, stride_dqt, pos_ptr, stride_pt, stride_pc, log2_theta,
                    0, WA, HEAD_DIM, ROPE)
     if WB > 0:
-        _store_qk_grad(dq_ptr, dq_b * scale, tok, row_mask, stride_dqt, pos_ptr, stride_pt, stride_pc, log2_theta,
+        _store_qk_grad(dq_ptr, dq_b * scale, rows, row_mask, stride_dqt, pos_ptr, stride_pt, stride_pc, log2_theta,
                        WA, WB, HEAD_DIM, ROPE)
 
 
