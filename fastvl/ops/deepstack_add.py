@@ -8,7 +8,31 @@ from ._dispatch import kernel_module
 
 
 def deepstack_add(hidden, index, stacked):
-    """hidden [..., C] with rows ``index`` [K] (unique, into the flattened leading dims) increased by stacked [K, C]."""
+    """hidden [..., C] with rows ``index`` [K] (unique, into the flattened leading dims) increased by stacked [K, C].
+
+    Out-of-place: returns a new tensor and is always safe under autograd. See ``deepstack_add_``
+    for the in-place variant that saves the copy of hidden.
+    """
+    _check(hidden, index, stacked)
+    return torch.ops.fastvl.deepstack_add(hidden, index, stacked)
+
+
+def deepstack_add_(hidden, index, stacked):
+    """In place: hidden[index] += stacked (same contract as ``deepstack_add``); returns hidden.
+
+    Saves writing a copy of hidden. Use it without autograd (inference, prefill, torch.no_grad) and
+    inside a model when hidden is a non-leaf activation that no recorded backward needs unchanged
+    (the residual stream between decoder layers): autograd tracks the update and raises if a saved
+    tensor was modified or hidden is a leaf that requires grad. Use ``deepstack_add`` otherwise.
+    """
+    _check(hidden, index, stacked)
+    if torch.is_grad_enabled() and (hidden.requires_grad or stacked.requires_grad):
+        return _DeepstackAddInPlace.apply(hidden, index, stacked)
+    torch.ops.fastvl.deepstack_add_(hidden, index, stacked)
+    return hidden
+
+
+def _check(hidden, index, stacked):
     check.tensor("hidden", hidden)
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be at least 2-D ([..., C]), got shape {tuple(hidden.shape)}")
@@ -17,14 +41,13 @@ def deepstack_add(hidden, index, stacked):
     check.same_dtype("stacked", stacked, "hidden", hidden)
     check.shape("stacked", stacked, (index.shape[0], hidden.shape[-1]))
     rows = hidden.numel() // hidden.shape[-1]
-    if index.numel():
+    if index.numel() and not torch.compiler.is_compiling():  # values cannot be read while tracing
         ordered = index.sort().values
         low, high, repeats = torch.stack([ordered[0], ordered[-1], (ordered[1:] == ordered[:-1]).sum()]).tolist()
         if low < 0 or high >= rows:
             raise ValueError(f"index must lie in [0, {rows}) (rows of hidden), got values in [{low}, {high}]")
         if repeats:
             raise ValueError(f"index must not repeat a position, found {repeats} repeats")
-    return torch.ops.fastvl.deepstack_add(hidden, index, stacked)
 
 
 @torch.library.custom_op("fastvl::deepstack_add", mutates_args=())
@@ -50,3 +73,30 @@ def _autograd_backward(ctx, grad):
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastvl::deepstack_add_", mutates_args=("hidden",))
+def _forward_(hidden: Tensor, index: Tensor, stacked: Tensor) -> None:
+    kernel = kernel_module("deepstack_add", hidden)
+    if kernel is not None:
+        kernel.forward_(hidden, index, stacked)
+    else:
+        hidden.copy_(reference.deepstack_add(hidden, index, stacked))
+
+
+@_forward_.register_fake
+def _(hidden, index, stacked):
+    return None
+
+
+class _DeepstackAddInPlace(torch.autograd.Function):
+    """The in-place op under autograd: hidden is marked dirty, so its history moves to this node."""
+
+    @staticmethod
+    def forward(ctx, hidden, index, stacked):
+        torch.ops.fastvl.deepstack_add_(hidden, index, stacked)
+        ctx.mark_dirty(hidden)
+        ctx.save_for_backward(index)
+        return hidden
+
+    backward = staticmethod(_autograd_backward)

@@ -1,0 +1,132 @@
+"""deepstack_add / deepstack_add_: Triton kernel vs the float64 reference, in place and out of place, gradients."""
+import pytest
+import torch
+
+import fastvl
+from fastvl.testing import assert_close, generator, randn
+
+B, L, C = 3, 41, 300  # C spans two channel tiles, the last one partial
+
+
+def _case(dtype, device, seed=0, count=37, index_dtype=torch.int64):
+    gen = generator(seed)
+    hidden = randn(B, L, C, dtype=dtype, device=device, gen=gen)
+    index = torch.randperm(B * L, generator=gen)[:count].to(device=device, dtype=index_dtype)
+    stacked = randn(count, C, dtype=dtype, device=device, gen=gen)
+    return hidden, index, stacked
+
+
+def _reference(hidden, index, stacked):
+    with fastvl.use_backend("reference"):
+        return fastvl.deepstack_add(hidden.double(), index, stacked.double())
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+def test_out_of_place_and_gradients(triton_backend, kernel_dtype, device, index_dtype):
+    hidden, index, stacked = _case(kernel_dtype, device, index_dtype=index_dtype)
+    hidden.requires_grad_()
+    stacked.requires_grad_()
+    out = fastvl.deepstack_add(hidden, index, stacked)
+    assert_close(out, _reference(hidden, index, stacked), kernel_dtype)
+    assert not torch.equal(out, hidden.detach()) and hidden.detach().ne(out.detach()).any(-1).sum() == index.numel()
+    grad = randn(B, L, C, dtype=kernel_dtype, device=device, gen=generator(9))
+    out.backward(grad)
+    assert torch.equal(hidden.grad, grad)
+    assert torch.equal(stacked.grad, grad.reshape(-1, C)[index.long()])
+
+
+def test_in_place_no_grad(triton_backend, kernel_dtype, device):
+    hidden, index, stacked = _case(kernel_dtype, device, seed=1)
+    expected = _reference(hidden, index, stacked)
+    version = hidden._version
+    with torch.no_grad():
+        result = fastvl.deepstack_add_(hidden, index, stacked)
+    assert result is hidden and hidden._version > version
+    assert_close(hidden, expected, kernel_dtype)
+
+
+def test_in_place_strided_hidden(triton_backend, device):
+    """A [B, L, C] transpose (no single row stride) and a channel slice of a wider buffer."""
+    _, index, stacked = _case(torch.float32, device, seed=2)
+    transposed = randn(L, B, C, device=device, gen=generator(3)).transpose(0, 1)
+    sliced = randn(B, L, C + 20, device=device, gen=generator(4))[..., :C]
+    for hidden in (transposed, sliced):
+        expected = _reference(hidden, index, stacked)
+        fastvl.deepstack_add_(hidden, index, stacked)
+        assert_close(hidden, expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_in_place_under_autograd(backend, device):
+    """Non-leaf hidden: same values and gradients as the out-of-place op, without a copy of hidden."""
+    hidden, index, stacked = _case(torch.float32, device, seed=5)
+    weight = randn(C, device=device, gen=generator(6))
+    grads = []
+    for op in (fastvl.deepstack_add, fastvl.deepstack_add_):
+        leaf = hidden.clone().requires_grad_()
+        extra = stacked.clone().requires_grad_()
+        with fastvl.use_backend(backend):
+            h = leaf * 2.0
+            out = op(h, index, extra)
+        if op is fastvl.deepstack_add_:
+            assert out is h
+        (out * weight).square().sum().backward()
+        grads.append((out.detach(), leaf.grad, extra.grad))
+    for a, b in zip(*grads):
+        assert_close(b, a, torch.float32)
+
+
+def test_in_place_autograd_errors(triton_backend, device):
+    hidden, index, stacked = _case(torch.float32, device, seed=7)
+    leaf = hidden.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        fastvl.deepstack_add_(leaf, index, stacked)
+    saved = leaf.sigmoid()  # sigmoid's backward needs its output unchanged
+    fastvl.deepstack_add_(saved, index, stacked)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+
+
+def test_empty_index(triton_backend, device):
+    hidden, _, _ = _case(torch.float16, device)
+    index = torch.zeros(0, dtype=torch.long, device=device)
+    stacked = hidden.new_zeros(0, C)
+    assert torch.equal(fastvl.deepstack_add(hidden, index, stacked), hidden)
+    before = hidden.clone()
+    assert torch.equal(fastvl.deepstack_add_(hidden, index, stacked), before)
+
+
+@pytest.mark.parametrize("op", [fastvl.deepstack_add, fastvl.deepstack_add_], ids=["out_of_place", "in_place"])
+def test_index_validation(op, device):
+    hidden, index, stacked = _case(torch.float32, device)
+    bad = index.clone()
+    bad[3] = B * L
+    with pytest.raises(ValueError, match=r"index must lie in \[0, 123\)"):
+        op(hidden, bad, stacked)
+    bad[3] = -1
+    with pytest.raises(ValueError, match="index must lie in"):
+        op(hidden, bad, stacked)
+    bad[3] = index[5]
+    with pytest.raises(ValueError, match="must not repeat"):
+        op(hidden, bad, stacked)
+    with pytest.raises(TypeError, match="index must have dtype"):
+        op(hidden, index.float(), stacked)
+    with pytest.raises(ValueError, match="stacked must have shape"):
+        op(hidden, index, stacked[:, :-1])
+    with pytest.raises(TypeError, match="stacked must have the dtype of hidden"):
+        op(hidden, index, stacked.half())
+
+
+def test_compile_in_place(device):
+    """The mutating op traces without graph breaks (reference kernel on CPU)."""
+    hidden, index, stacked = _case(torch.float32, device, seed=8)
+    expected = _reference(hidden, index, stacked)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def inject(h, i, s):
+        torch.ops.fastvl.deepstack_add_(h, i, s)
+        return h
+
+    with torch.no_grad():
+        inject(hidden, index, stacked)
+    assert_close(hidden, expected, torch.float32)
