@@ -17,7 +17,7 @@ from fastvl.data import (
 from fastvl.data.image import CLIP_MEAN, CLIP_STD
 
 # (height, width): odd sizes, odd aspect ratios, one up-scaled (below min_pixels), one down-scaled
-SIZES = [(37, 91), (300, 41), (224, 224), (20, 30), (517, 333), (61, 600)]
+SIZES = [(37, 91), (300, 41), (224, 224), (20, 30), (517, 333), (61, 600), (23, 2000)]
 SMALL_BUDGET = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 96)
 
 
@@ -84,6 +84,20 @@ def test_native_matches_transformers(budget, as_pil):
     assert ours["pixel_values"].dtype == torch.float32 and ours["image_grid_thw"].dtype == torch.int64
     assert torch.equal(ours["image_grid_thw"], ref["image_grid_thw"])
     assert ours["pixel_values"].shape == ref["pixel_values"].shape
+    assert (ours["pixel_values"] - ref["pixel_values"].float()).abs().max().item() < 1e-5
+
+
+def test_native_matches_transformers_on_other_modes():
+    """Grey, palette and transparent images: converted to RGB as transformers does (alpha onto white)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    rgba = _random_images([(45, 70)], seed=6)[0]
+    alpha = np.random.default_rng(6).integers(0, 256, (45, 70, 1), dtype=np.uint8)
+    images = [Image.fromarray(np.concatenate([rgba, alpha], -1), "RGBA"), Image.fromarray(rgba[..., 0], "L"),
+              Image.fromarray(rgba).convert("P")]
+    ours = NativeResolutionProcessor(**SMALL_BUDGET)(images)
+    ref = Qwen2VLImageProcessorPil(**SMALL_BUDGET)(images, return_tensors="pt")
+    assert torch.equal(ours["image_grid_thw"], ref["image_grid_thw"])
     assert (ours["pixel_values"] - ref["pixel_values"].float()).abs().max().item() < 1e-5
 
 

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from .conversation import IGNORE_INDEX, get_template, tokenize_conversation
+from .image import to_pil
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -89,7 +90,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{where} not found")
         try:
             with Image.open(path) as image:
-                return image.convert("RGB")
+                image.load()  # before the file closes
+                return to_pil(image)
         except OSError as e:
             raise ValueError(f"{where} cannot be read ({e})") from e
 

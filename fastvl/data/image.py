@@ -46,8 +46,12 @@ def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 2
 
 
 def to_pil(image, name="images"):
-    """An RGB PIL image from a PIL image (any mode) or an HWC uint8 numpy array with 3 channels."""
+    """An RGB PIL image from a PIL image (any mode; transparency composited onto white, as transformers does)
+    or an HWC uint8 numpy array with 3 channels."""
     if isinstance(image, Image.Image):
+        if "A" in image.getbands() or "transparency" in image.info:
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
