@@ -25,8 +25,8 @@ from fastvl._backend import interpreting
 
 from .registry import Spec, gated, signature
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _NORM_TILE = 8192  # elements of x per program of the row-wise norm kernels (whole rows)
 
 
@@ -92,28 +92,37 @@ def _grouped(pid, grid_m, grid_n, GROUP_M: tl.constexpr):
 
 
 def _matmul_configs():
+    """(BM, BN) tiles with BK 32 and at most 32 fp32 accumulators a thread: the gate compiles without the
+    16-byte alignment the runtime specialises on (scalar loads, a 64-bit address per element), and
+    larger tiles spill there."""
     if interpreting():  # the interpreter pays per program and per op, not per FLOP: one small tile
         return [triton.Config({"BM": 32, "BN": 32, "BK": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({"BM": bm, "BN": bn, "BK": 64, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
-        for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4))
+        triton.Config({"BM": bm, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=warps, num_stages=3)
+        for bm, warps in ((64, 4), (128, 8))
     ]
 
 
-# (name, constexprs) of every variant the op launches; MM is the merge window's m*m where it matters
+# Every variant the op launches: (name, constexprs, the strides that are 1 there, which Triton specialises)
 _VARIANTS = (
-    ("fc1 ln m2", dict(NORM=1, MM=4, LN_BIAS=True, BIAS=True, GELU=1, SAVE_PRE=True, ROWSUM=False)),
-    ("fc1 rms m4", dict(NORM=1, MM=16, LN_BIAS=False, BIAS=True, GELU=1, SAVE_PRE=False, ROWSUM=False)),
-    ("fc2 / dX", dict(NORM=0, MM=1, LN_BIAS=False, BIAS=True, GELU=0, SAVE_PRE=False, ROWSUM=False)),
-    ("dz", dict(NORM=0, MM=1, LN_BIAS=False, BIAS=False, GELU=2, SAVE_PRE=False, ROWSUM=False)),
-    ("dw2", dict(NORM=0, MM=1, LN_BIAS=False, BIAS=False, GELU=0, SAVE_PRE=False, ROWSUM=True)),
-    ("dw1 ln m2", dict(NORM=2, MM=4, LN_BIAS=True, BIAS=False, GELU=0, SAVE_PRE=False, ROWSUM=True)),
+    ("fc1 ln m2", dict(NORM=1, MM=4, LN_BIAS=True, BIAS=True, GELU=1, SAVE_PRE=True, ROWSUM=False), ("ak", "bk")),
+    ("fc1 rms m4", dict(NORM=1, MM=16, LN_BIAS=False, BIAS=True, GELU=1, SAVE_PRE=False, ROWSUM=False), ("ak", "bk")),
+    ("fc2", dict(NORM=0, MM=1, LN_BIAS=False, BIAS=True, GELU=0, SAVE_PRE=False, ROWSUM=False), ("ak", "bk")),
+    ("dz", dict(NORM=0, MM=1, LN_BIAS=False, BIAS=False, GELU=2, SAVE_PRE=False, ROWSUM=False), ("ak", "bn")),
+    ("dX", dict(NORM=0, MM=1, LN_BIAS=False, BIAS=False, GELU=0, SAVE_PRE=False, ROWSUM=False), ("ak", "bn")),
+    ("dw2", dict(NORM=0, MM=1, LN_BIAS=False, BIAS=False, GELU=0, SAVE_PRE=False, ROWSUM=True), ("am", "bn")),
+    ("dw1 ln m2", dict(NORM=2, MM=4, LN_BIAS=True, BIAS=False, GELU=0, SAVE_PRE=False, ROWSUM=True), ("am", "bn")),
 )
 
 
 def _matmul_specs(fn):
-    return [Spec(f"{dtype} {name}", signature(fn, dtype, stats_ptr="*fp32"), constexprs)
-            for name, constexprs in _VARIANTS for dtype in ("fp16", "bf16")]
+    specs = []
+    for name, constexprs, unit in _VARIANTS:
+        unit = {f"stride_{s}": 1 for s in unit}
+        for dtype in ("fp16", "bf16"):
+            sig = signature(fn, dtype, stats_ptr="*fp32", **dict.fromkeys(unit, "constexpr"))
+            specs.append(Spec(f"{dtype} {name}", sig, {**constexprs, **unit}))
+    return specs
 
 
 @gated(tensor_cores="wgmma", specs=_matmul_specs)
