@@ -1,0 +1,179 @@
+"""Vision towers: Qwen2-VL's native dynamic-resolution ViT and a fixed-resolution SigLIP-style ViT.
+
+Both run their images as one packed token sequence through ``fastvl.nn.VisionAttention``; the
+segment offsets (and the window plan) are computed once per forward on the host from the grids.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .. import ops
+from ..nn import VisionAttention
+
+
+def _norm(config, dim):
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
+
+
+class VisionMlp(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.act = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.embed_dim, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.embed_dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionGatedMlp(nn.Module):
+    """Qwen2.5-VL's SwiGLU MLP (biases on)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.act = ACT2FN[config.hidden_act]
+        self.gate_proj = nn.Linear(config.embed_dim, config.intermediate_size)
+        self.up_proj = nn.Linear(config.embed_dim, config.intermediate_size)
+        self.down_proj = nn.Linear(config.intermediate_size, config.embed_dim)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(GradientCheckpointingLayer):
+    """Pre-norm ViT block (Qwen2-VL parameter names); checkpointed by ``activation_checkpointing_enable()``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = _norm(config, config.embed_dim)
+        self.norm2 = _norm(config, config.embed_dim)
+        self.attn = VisionAttention(config.embed_dim, config.num_heads, config.rope_theta)
+        self.mlp = VisionGatedMlp(config) if config.mlp_type == "swiglu" else VisionMlp(config)
+
+    def forward(self, x, cu_seqlens, max_seqlen, rope_pos=None):
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, rope_pos)
+        return x + self.mlp(self.norm2(x))
+
+
+class Segments:
+    """Host-computed attention layout of a pack: int32 offsets on the device and the longest segment."""
+
+    def __init__(self, lengths, device):
+        lengths = [n for n in lengths if n]
+        self.cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(device, torch.int32)
+        self.max_seqlen = max(lengths, default=0)
+
+
+class VisionTower(nn.Module):
+    """Blocks shared by both towers; ``forward`` returns (tokens [T, C], taps, grid rows (t, h, w))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
+
+    def run_blocks(self, x, segments, taps=(), rope_pos=None, windows=None, full_blocks=()):
+        """Runs the blocks; returns the output and the inputs of blocks ``taps``.
+
+        ``windows`` (segments of the window-permuted sequence) replaces ``segments`` in every block
+        not listed in ``full_blocks``.
+        """
+        inputs = {}
+        for i, block in enumerate(self.blocks):
+            inputs[i] = x
+            layout = segments if windows is None or i in full_blocks else windows
+            x = block(x, layout.cu_seqlens, layout.max_seqlen, rope_pos)
+        return x, [inputs[i] for i in taps]
+
+
+class NativeVisionTower(VisionTower):
+    """Qwen2-VL ViT: pixel rows [T, C*t*p*p] in merge-window order, grids [N, 3] (t, h, w) in patches.
+
+    The patch embedding is a Linear over each row (equal to Qwen2-VL's Conv3d with stride = kernel).
+    Each frame is one attention segment; with ``window_size`` the blocks outside
+    ``fullatt_block_indexes`` attend within windows of window_size pixels (Qwen2.5-VL).
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
+        self.patch_embed = nn.Linear(patch_dim, config.embed_dim, bias=False)
+
+    def forward(self, pixel_values, grid_thw, taps=()):
+        config, m = self.config, self.config.spatial_merge_size
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != self.patch_embed.in_features:
+            raise ValueError(
+                f"pixel_values must have shape [tokens, {self.patch_embed.in_features}], got {list(pixel_values.shape)}"
+            )
+        grid_thw = grid_thw.cpu()
+        rope_pos = ops.vision_positions(grid_thw, m)  # checks grid_thw
+        rows = grid_thw.tolist()
+        if rope_pos.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"image_grid_thw covers {rope_pos.shape[0]} patches but pixel_values has {pixel_values.shape[0]} rows")
+        device = pixel_values.device
+        segments = Segments([h * w for t, h, w in rows for _ in range(t)], device)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        rope_pos = rope_pos.to(device)
+        if not config.window_size:
+            x, tapped = self.run_blocks(x, segments, taps, rope_pos)
+            return x, tapped, rows
+        order, window_lengths = window_order(rows, m, config.window_size // (config.patch_size * m))
+        order = order.to(device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=device)
+        x, tapped = self.run_blocks(
+            x[order], segments, taps, rope_pos[order], Segments(window_lengths, device),
+            set(config.fullatt_block_indexes or ()),
+        )
+        return x[inverse], [t[inverse] for t in tapped], rows
+
+
+def window_order(rows, merge_size, window):
+    """Qwen2.5-VL windows: the patch permutation grouping each frame's ``window`` x ``window`` merged
+    tokens (edge windows partial, merge groups kept whole) and the patch count of every window."""
+    unit = merge_size * merge_size
+    order, lengths, offset = [], [], 0
+    for t, h, w in rows:
+        gh, gw = h // merge_size, w // merge_size
+        ids = torch.arange(t * gh * gw).view(t, gh, gw)
+        ids = F.pad(ids, (0, -gw % window, 0, -gh % window), value=-1)
+        nh, nw = ids.shape[1] // window, ids.shape[2] // window
+        ids = ids.view(t, nh, window, nw, window).permute(0, 1, 3, 2, 4).reshape(-1, window * window)
+        valid = ids >= 0
+        lengths += (valid.sum(1) * unit).tolist()
+        merged = ids[valid] + offset
+        order.append((merged[:, None] * unit + torch.arange(unit)).reshape(-1))
+        offset += t * gh * gw
+    return torch.cat(order), lengths
+
+
+class FixedVisionTower(VisionTower):
+    """SigLIP-style ViT on square images [N, C, S, S]: Conv2d patch embedding (as a Linear over
+    unfolded patches, the trailing S % patch pixels unused) plus learned position embeddings."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.patch_embed = nn.Linear(config.in_channels * config.patch_size ** 2, config.embed_dim)
+        self.position_embedding = nn.Embedding(config.grid_size ** 2, config.embed_dim)
+
+    def forward(self, pixel_values, grid_thw=None, taps=()):
+        config = self.config
+        n, c, p, g = pixel_values.shape[0], config.in_channels, config.patch_size, config.grid_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (c, config.image_size, config.image_size):
+            raise ValueError(
+                f"pixel_values must have shape [images, {c}, {config.image_size}, {config.image_size}], "
+                f"got {list(pixel_values.shape)}"
+            )
+        patches = pixel_values[:, :, : g * p, : g * p].reshape(n, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
+        x = self.patch_embed(patches.reshape(n * g * g, c * p * p).to(self.patch_embed.weight.dtype))
+        x = x + self.position_embedding.weight.repeat(n, 1)
+        x, tapped = self.run_blocks(x, Segments([g * g] * n, x.device), taps)
+        return x, tapped, [[1, g, g]] * n
+
+
+def build_vision_tower(config):
+    return NativeVisionTower(config) if config.tower == "native" else FixedVisionTower(config)
