@@ -5,6 +5,7 @@ f_j = theta^(-4j/D). A program takes a block of tokens: it reads their positions
 cos/sin of the D/2 angles once (in fp32, from pos and theta: no table in memory) and applies them
 to a group of heads. Half vectors are padded to a power of two and masked (D = 72, 80, 96, ...).
 """
+import functools
 import math
 
 import torch
@@ -72,9 +73,14 @@ def _heads_per_program(token_blocks, heads, device):
     """All heads in one program (cos/sin computed once per token) unless that leaves SMs idle."""
     if device.type != "cuda":
         return heads
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 4 * _sm_count(device.index)
     groups = min(heads, triton.cdiv(programs, token_blocks))
     return triton.cdiv(heads, groups)
+
+
+@functools.cache
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def apply_rope_2d(x, pos, theta, inverse, heads_per_program=None):
