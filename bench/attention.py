@@ -18,8 +18,9 @@ the timings (a model shares them across its layers); fastvl computes its angles 
 
 CUDA runs bf16 on the full packs. On CPU (fp32, small packs, labelled ``cpu`` in every row and case)
 only the reference and the torch paths run: the Triton kernels would run in the interpreter, which is
-no performance number. ``python -m fastvl.bench.attention [--quick] [--out DIR]`` writes
-DIR/attention.json and DIR/attention.png (bench/results/<device>/ by default).
+no performance number. ``python -m fastvl.bench.attention [--quick] [--out DIR] [--case REGEX]``
+writes DIR/attention.json and DIR/attention.png (bench/results/<device>/ by default; with --case the
+files are named after the filter, so that a GPU run can be split into commands of a few minutes).
 """
 import argparse
 import importlib.util
@@ -349,10 +350,14 @@ def plot(rows, path):
     return True
 
 
+def _slug(text):
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
 def default_out(device):
+    """bench/results/<device>/, e.g. bench/results/nvidia-h100-80gb-hbm3/."""
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()  # e.g. nvidia-h100-80gb-hbm3
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", slug)
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", _slug(name))
 
 
 def main(argv=None):
@@ -375,14 +380,15 @@ def main(argv=None):
         if "skipped" in r:
             print(f"skipped {r['impl']} ({r['case']}): {r['skipped']}")
     out = args.out or default_out(device)
+    stem = "attention" + (f"-{_slug(args.case)}" if args.case else "")  # partial runs do not overwrite each other
     keys = ("model", "pack", "heads", "head_dim", "grids", "tokens", "dtype")
     shapes = list({r["case"]: {k: r[k] for k in keys} for r in measured(rows)}.values())
-    write_json(os.path.join(out, "attention.json"),
-               {"environment": environment(device), "suite": "attention", "quick": args.quick, "shapes": shapes,
-                "summary": found, "rows": rows})
-    print(f"wrote {os.path.join(out, 'attention.json')}")
-    if plot(rows, os.path.join(out, "attention.png")):
-        print(f"wrote {os.path.join(out, 'attention.png')}")
+    write_json(os.path.join(out, f"{stem}.json"),
+               {"environment": environment(device), "suite": "attention", "quick": args.quick, "case_filter": args.case,
+                "shapes": shapes, "summary": found, "rows": rows})
+    print(f"wrote {os.path.join(out, stem + '.json')}")
+    if plot(rows, os.path.join(out, f"{stem}.png")):
+        print(f"wrote {os.path.join(out, stem + '.png')}")
     else:
         print("matplotlib is not installed: no plot")
     return 0
