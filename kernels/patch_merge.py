@@ -235,7 +235,7 @@ class Merged(NamedTuple):
     mm: int
 
 
-def _matmul(a, b, out, *, bias=None, gelu=0, pre=None, dbias=None):
+def matmul(a, b, out, *, bias=None, gelu=0, pre=None, dbias=None):
     """out = a @ b (+ bias; gelu 1: pre <- z, out <- GELU(z); gelu 2: out *= GELU'(pre); dbias <- a's row sums).
 
     ``a`` or ``b`` may be a Merged x; plain operands are 2-D tensors of any strides (a transpose is a view).
@@ -281,39 +281,22 @@ def _new(t):
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def forward(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm, save=False):
-    """(out, stats, pre, act): the last three are what backward() reuses, empty tensors unless ``save``."""
-    mm = merge_size * merge_size
+def norm_stats(x, eps, norm):
+    """[2, T] fp32: per-token mean (0 for RMSNorm) and rstd, one pass over x."""
     tokens, channels = x.shape
-    rows, hidden = tokens // mm, w1.shape[0]
     stats = x.new_empty(2, tokens, dtype=torch.float32)
-    act = x.new_empty(rows, hidden)
-    pre = x.new_empty(rows, hidden) if save else None
-    out = x.new_empty(rows, w2.shape[0])
     if tokens:
         block_t, block_c = _norm_launch(x)
         _merge_norm_stats[(triton.cdiv(tokens, block_t),)](
             x, stats, tokens, channels, x.stride(0), eps, RMS=norm == "rmsnorm", BLOCK_T=block_t, BLOCK_C=block_c,
             num_warps=8,
         )
-        _matmul(Merged(x, stats, ln_w, ln_b, mm), w1.t(), act, bias=b1, gelu=1, pre=pre)
-        _matmul(act, w2.t(), out, bias=b2)
-    if not save:
-        return out, x.new_empty(0, dtype=torch.float32), x.new_empty(0), x.new_empty(0)
-    return out, stats, pre, act
+    return stats
 
 
-def backward(grad, x, ln_w, ln_b, w1, b1, w2, b2, stats, pre, act, merge_size, eps, norm):
-    """Gradients of (x, ln_w, ln_b, w1, b1, w2, b2) from forward()'s saved stats, pre and act; None for no ln_b."""
-    mm = merge_size * merge_size
+def norm_backward(dnormed, x, stats, ln_w, norm):
+    """(dx, dln_w, dln_b or None) from dnormed [T, C] contiguous, the gradient of norm(x)."""
     tokens, channels = x.shape
-    dw2, db2 = _new(w2), _new(b2)
-    _matmul(grad.t(), act, dw2, dbias=db2)
-    dz = _matmul(grad, w2, _new(pre), gelu=2, pre=pre)
-    dw1, db1 = _new(w1), _new(b1)
-    _matmul(dz.t(), Merged(x, stats, ln_w, ln_b, mm), dw1, dbias=db1)
-    dnormed = _matmul(dz, w1, x.new_empty(tokens // mm, mm * channels))
-
     rms = norm == "rmsnorm"
     block_t, block_c = _norm_launch(x)
     # a few programs per SM striding over the row blocks (two in the interpreter, which pays per program)
@@ -326,5 +309,35 @@ def backward(grad, x, ln_w, ln_b, w1, b1, w2, b2, stats, pre, act, merge_size, e
         dnormed, x, stats, ln_w, dx, dw, db, tokens, channels, x.stride(0), RMS=rms, BLOCK_T=block_t,
         BLOCK_C=block_c, num_warps=8,
     )
-    dln_b = None if rms else db.sum(0).to(ln_w.dtype)
-    return dx, dw.sum(0).to(ln_w.dtype), dln_b, dw1, db1, dw2, db2
+    return dx, dw.sum(0).to(ln_w.dtype), None if rms else db.sum(0).to(ln_w.dtype)
+
+
+def forward(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm, save=False):
+    """(out, stats, pre, act): the last three are what backward() reuses, empty tensors unless ``save``."""
+    mm = merge_size * merge_size
+    tokens, channels = x.shape
+    rows, hidden = tokens // mm, w1.shape[0]
+    stats = norm_stats(x, eps, norm)
+    act = x.new_empty(rows, hidden)
+    pre = x.new_empty(rows, hidden) if save else None
+    out = x.new_empty(rows, w2.shape[0])
+    if tokens:
+        matmul(Merged(x, stats, ln_w, ln_b, mm), w1.t(), act, bias=b1, gelu=1, pre=pre)
+        matmul(act, w2.t(), out, bias=b2)
+    if not save:
+        return out, x.new_empty(0, dtype=torch.float32), x.new_empty(0), x.new_empty(0)
+    return out, stats, pre, act
+
+
+def backward(grad, x, ln_w, ln_b, w1, b1, w2, b2, stats, pre, act, merge_size, eps, norm):
+    """Gradients of (x, ln_w, ln_b, w1, b1, w2, b2) from forward()'s saved stats, pre and act; None for no ln_b."""
+    mm = merge_size * merge_size
+    tokens, channels = x.shape
+    dw2, db2 = _new(w2), _new(b2)
+    matmul(grad.t(), act, dw2, dbias=db2)
+    dz = matmul(grad, w2, _new(pre), gelu=2, pre=pre)
+    dw1, db1 = _new(w1), _new(b1)
+    matmul(dz.t(), Merged(x, stats, ln_w, ln_b, mm), dw1, dbias=db1)
+    dnormed = matmul(dz, w1, x.new_empty(tokens // mm, mm * channels))
+    dx, dln_w, dln_b = norm_backward(dnormed, x, stats, ln_w, norm)
+    return dx, dln_w, dln_b, dw1, db1, dw2, db2
