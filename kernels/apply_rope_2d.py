@@ -15,7 +15,7 @@ import triton.language as tl
 from .registry import Spec, gated, signature
 
 HEAD_DIMS = (16, 64, 72, 80, 96, 128)  # compiled by the gate; any multiple of 4 runs
-TILE = 1024  # elements of one [BLOCK_T, BLOCK_HALF] tile: 8 per thread with 4 warps, ~70 registers
+TILE = 1024  # elements of one [BLOCK_T, BLOCK_HALF] tile: 8 per thread with 4 warps (< 100 registers)
 
 
 def _specs(fn):
@@ -27,29 +27,34 @@ def _specs(fn):
     ]
 
 
+@triton.jit
+def rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM: tl.constexpr):
+    """fp32 cos/sin [len(tok), len(pair)] of the rotation of pairs (i, i + D/2), i in ``pair``, at the
+    tokens' (row, col) positions (int32 pos [T, 2] with strides): for any kernel that rotates q or k."""
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    use_col = pair >= QUARTER
+    inv_freq = tl.exp2(tl.where(use_col, pair - QUARTER, pair).to(tl.float32) * (-4.0 / HEAD_DIM) * log2_theta)
+    row = tl.load(pos_ptr + tok * stride_pt, mask=tok_mask, other=0).to(tl.float32)
+    col = tl.load(pos_ptr + tok * stride_pt + stride_pc, mask=tok_mask, other=0).to(tl.float32)
+    angle = tl.where(use_col[None, :], col[:, None], row[:, None]) * inv_freq[None, :]
+    return tl.cos(angle), tl.sin(angle)
+
+
 @gated(_specs)
 @triton.jit
 def _rope_2d_kernel(
     x_ptr, y_ptr, pos_ptr, T, H, heads_per_program,
-    stride_xt, stride_xh, stride_yt, stride_yh,
+    stride_xt, stride_xh, stride_yt, stride_yh, stride_pt, stride_pc,
     log2_theta, sin_sign,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
-    QUARTER: tl.constexpr = HEAD_DIM // 4
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = tok < T
     tok = tok.to(tl.int64)
-    row = tl.load(pos_ptr + 2 * tok, mask=tok_ok, other=0).to(tl.float32)
-    col = tl.load(pos_ptr + 2 * tok + 1, mask=tok_ok, other=0).to(tl.float32)
-
     i = tl.arange(0, BLOCK_HALF)
-    first = i < QUARTER  # first quarter of each half follows the row, second the column
-    j = tl.where(first, i, i - QUARTER).to(tl.float32)
-    inv_freq = tl.exp2(j * (-4.0 / HEAD_DIM) * log2_theta)
-    angle = tl.where(first[None, :], row[:, None], col[:, None]) * inv_freq[None, :]
-    cos = tl.cos(angle)
-    sin = tl.sin(angle) * sin_sign
+    cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_ok, stride_pt, stride_pc, i, log2_theta, HEAD_DIM)
+    sin = sin * sin_sign
     mask = tok_ok[:, None] & (i < HALF)[None, :]
 
     x_tok = x_ptr + tok[:, None] * stride_xt + i[None, :]
@@ -86,7 +91,8 @@ def _sm_count(index):
 def apply_rope_2d(x, pos, theta, inverse, heads_per_program=None):
     """y [T, H, D] = x rotated by pos [T, 2] (by the negative angles when ``inverse``).
 
-    x needs a unit last stride; its token and head strides are free (e.g. a slice of a qkv tensor).
+    x needs a unit last stride; its token and head strides are free (e.g. a slice of a qkv tensor), and
+    so are pos's.
     """
     T, H, D = x.shape
     y = torch.empty_like(x)
@@ -96,8 +102,8 @@ def apply_rope_2d(x, pos, theta, inverse, heads_per_program=None):
     token_blocks = triton.cdiv(T, blocks["BLOCK_T"])
     per = heads_per_program or _heads_per_program(token_blocks, H, x.device)
     _rope_2d_kernel[(token_blocks, triton.cdiv(H, per))](
-        x, y, pos.contiguous(), T, H, per,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        x, y, pos, T, H, per,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), pos.stride(0), pos.stride(1),
         math.log2(theta), -1.0 if inverse else 1.0,
         HEAD_DIM=D, **blocks,
     )

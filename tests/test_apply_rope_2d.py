@@ -85,9 +85,10 @@ def test_inverse_undoes_rotation(kernel_dtype, device, heads_per_program):
 
 
 def test_head_slice_of_qkv(triton_backend, kernel_dtype, device):
-    """A head slice of a packed [T, 3, H, D] projection: token stride 3*H*D, no copy needed."""
+    """A head slice of a packed [T, 3, H, D] projection (token stride 3*H*D); positions with token stride 3."""
     gen = generator(5)
-    pos = _positions(ODD_PACK, device)
+    pos = torch.nn.functional.pad(_positions(ODD_PACK, device), (0, 1), value=-1)[:, :2]
+    assert pos.stride() == (3, 1)
     qkv = randn(pos.shape[0], 3, 4, 72, dtype=kernel_dtype, device=device, gen=gen, requires_grad=True)
     k = qkv[:, 1]
     assert not k.is_contiguous()
