@@ -6,6 +6,7 @@ computes the vision RoPE tables in fp32 whatever the model dtype, which bounds t
 import collections
 import copy
 import sys
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import fastvl  # noqa: E402
 from fastvl.integrations import attention, qwen2_vl  # noqa: E402
-from fastvl.testing import assert_close, generator, randn  # noqa: E402
+from fastvl.testing import TF32_TOLERANCE, TOLERANCE, assert_close, generator, randn, rel_err  # noqa: E402
 
 ROPE_TOL = 1e-6  # float64 models, fp32 RoPE tables in transformers
 PATCH, TEMPORAL, MERGE = 4, 2, 2
@@ -237,6 +238,56 @@ def test_autocast_matches_transformers():
     assert_close(out, ref, tol=3e-2)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_vision_tower_on_the_kernels(name, device, triton_backend):
+    """fp32 forward and backward through the Triton kernels (the interpreter on CPU)."""
+    reference = MODELS[name]().float()
+    model = fastvl.patch(copy.deepcopy(reference).to(device))
+    x = pixels(GRID).float()
+    ref = reference.model.visual(x, grid_thw=GRID).pooler_output
+    out = model.model.visual(x.to(device), grid_thw=GRID.to(device)).pooler_output
+    ref.square().sum().backward()
+    out.square().sum().backward()
+    tol = TF32_TOLERANCE if device == "cuda" else TOLERANCE[torch.float32]
+    assert_close(out.cpu(), ref, tol=tol, name="merged tokens")
+    for (key, p), q in zip(model.model.visual.named_parameters(), reference.model.visual.parameters()):
+        assert_close(p.grad.cpu(), q.grad, tol=tol, name=f"{key}.grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MODELS)
+def test_vision_tower_bf16_on_gpu(name, triton_backend):
+    """bf16 on the kernels errs no more than transformers' own bf16 tower (both against float64)."""
+    reference = MODELS[name]()
+    x = pixels(GRID)
+    ref = reference.model.visual(x, grid_thw=GRID).pooler_output
+    x16, grid = x.to("cuda", torch.bfloat16), GRID.cuda()
+    hf = copy.deepcopy(reference).to("cuda", torch.bfloat16)
+    model = fastvl.patch(copy.deepcopy(hf))
+    hf_err = rel_err(hf.model.visual(x16, grid_thw=grid).pooler_output.cpu(), ref)
+    assert_close(model.model.visual(x16, grid_thw=grid).pooler_output.cpu(), ref, tol=max(2 * hf_err, 1e-2))
+
+
+@pytest.mark.gpu
+def test_no_per_block_sync_on_gpu(triton_backend):
+    syncs = []
+    for depth in (3, 6):
+        tower = fastvl.patch(tiny_qwen2_5_vl(depth)).model.visual.to("cuda", torch.float32)
+        x, grid = pixels(GRID).to("cuda", torch.float32), GRID.cuda()
+        tower(x, grid_thw=grid)  # compiles and autotunes the kernels
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                tower(x, grid_thw=grid)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs.append(len(caught))
+    assert syncs[0] == syncs[1], f"synchronisations grow with depth: {syncs}"
+
+
 # ---- the "fastvl" attention implementation (language model side) ----
 
 def qwen2_lm(implementation):
@@ -270,13 +321,17 @@ def test_lm_plain_batch_matches_sdpa_with_gradients(lms):
         assert_close(g, grads[0][1][key], name=f"{key}.grad")
 
 
-def test_lm_packed_sequences(lms):
+def test_lm_packed_sequences(lms, monkeypatch):
     sdpa, fast = lms
     lengths = [5, 9, 1, 4]
     ids = torch.randint(0, TEXT["vocab_size"], (1, sum(lengths)), generator=generator(4))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     separate = torch.cat([sdpa(chunk).logits for chunk in ids.split(lengths, dim=1)], dim=1)
+    builds = []
+    original = attention._from_positions
+    monkeypatch.setattr(attention, "_from_positions", lambda *args: builds.append(1) or original(*args))
     assert_close(fast(ids, position_ids=positions, use_cache=False).logits, separate, name="packed by position_ids")
+    assert len(builds) == 1, "the segments must be read once per forward, not once per layer"
     assert_close(sdpa(ids, position_ids=positions, use_cache=False).logits, separate, name="sdpa, packed")
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     packed = fast(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,

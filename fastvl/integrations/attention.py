@@ -54,7 +54,7 @@ def fastvl_attention(module, query, key, value, attention_mask, scaling=None, dr
     q = query.transpose(1, 2).reshape(batch * tq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * tk, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * tk, value.shape[1], dim)
-    seg = segments(attention_mask, kwargs.get("position_ids"), kwargs, batch, tq, tk, q.device)
+    seg = _segments(attention_mask, kwargs, batch, tq, tk, q.device)
     if seg.q_index is not None:
         q = q.index_select(0, seg.q_index)
     if seg.k_index is not None:
@@ -65,8 +65,9 @@ def fastvl_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.view(batch, tq, heads, dim), None
 
 
-def segments(attention_mask, position_ids, kwargs, batch, tq, tk, device) -> Segments:
-    cu_q = kwargs.get("cu_seq_lens_q")
+def _segments(attention_mask, kwargs, batch, tq, tk, device) -> Segments:
+    """The sequences of the batch, by the precedence the module docstring lists."""
+    cu_q, position_ids = kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
     if cu_q is not None:
         if batch != 1:
             raise ValueError(f"cu_seq_lens_q: packed sequences need batch size 1, got {batch}")
@@ -81,8 +82,8 @@ def segments(attention_mask, position_ids, kwargs, batch, tq, tk, device) -> Seg
             )
         return _memoised(_from_mask, attention_mask, batch, tq, tk, device)
     if position_ids is not None and tq == tk:
-        if position_ids.dim() != 2 or position_ids.shape[-1] != tq:
-            raise ValueError(f"position_ids: expected [batch, {tq}], got shape {list(position_ids.shape)}")
+        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != tq:
+            raise ValueError(f"position_ids: expected [{batch} or 1, {tq}], got shape {list(position_ids.shape)}")
         return _memoised(_from_positions, position_ids, batch, tq, tk, device)
     # one sequence per row: nothing to read on the host
     cu_q = torch.arange(0, (batch + 1) * tq, tq, dtype=torch.int32, device=device)

@@ -146,9 +146,11 @@ def is_patched(tower) -> bool:
 
 def patch_tower(tower):
     """Bind the fastvl forwards to ``tower`` and to its blocks' attention modules (idempotent)."""
-    head_dim = tower.blocks[0].attn.head_dim if len(tower.blocks) else check.HEAD_DIMS[0]
-    if head_dim not in check.HEAD_DIMS:
-        raise ValueError(f"model: vision head_dim {head_dim} is not supported; expected one of {check.HEAD_DIMS}")
+    for block in tower.blocks:
+        if block.attn.head_dim not in check.HEAD_DIMS:
+            raise ValueError(
+                f"model: vision head_dim {block.attn.head_dim} is not supported; expected one of {check.HEAD_DIMS}"
+            )
     if is_patched(tower):
         return
     tower.forward = types.MethodType(_vision_forward, tower)
