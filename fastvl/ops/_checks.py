@@ -22,7 +22,8 @@ def tensor(name, t, *, dtypes=FLOATS, ndim=None, device=None, optional=False):
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
-    if t.is_floating_point() and t.numel() and t.stride(-1) != 1:
+    # kernels index the last dimension densely (integer tensors too: offsets, positions, indices)
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must have a unit stride in its last dimension, got strides {t.stride()}")
     return t
 
@@ -88,12 +89,20 @@ def cu_seqlens(name, cu, total, device, max_seqlen=None, max_name="max_seqlen"):
     return longest if max_seqlen is None else max_seqlen
 
 
-def grid(name, g, columns, device=None):
-    """Integer grid tensor [N, columns] of positive sizes; returns its rows as Python lists."""
-    tensor(name, g, dtypes=INTS, ndim=2)
-    if g.shape[1] != columns:
-        raise ValueError(f"{name} must have shape [N, {columns}], got {list(g.shape)}")
-    rows = g.tolist()
+def grid(name, g, columns, sequences=False):
+    """Positive integer sizes [N, columns]: a tensor, or with ``sequences`` also a list/tuple of
+    ``columns``-tuples (static under torch.compile); returns the rows as Python lists."""
+    if sequences and isinstance(g, (list, tuple)):
+        rows = [list(row) if isinstance(row, (list, tuple)) else row for row in g]
+        if any(not isinstance(row, list) or len(row) != columns for row in rows):
+            raise ValueError(f"{name} must be a list of {columns}-tuples, got {g!r}")
+        if any(isinstance(v, bool) or not isinstance(v, int) for row in rows for v in row):
+            raise TypeError(f"{name} must hold Python ints, got {g!r}")
+    else:
+        tensor(name, g, dtypes=INTS, ndim=2)
+        if g.shape[1] != columns:
+            raise ValueError(f"{name} must have shape [N, {columns}], got {list(g.shape)}")
+        rows = g.tolist()
     if any(v < 1 for row in rows for v in row):
         raise ValueError(f"{name} must hold positive sizes, got {rows}")
     return rows

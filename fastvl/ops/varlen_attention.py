@@ -40,7 +40,11 @@ def varlen_attention(
         raise ValueError(f"k has {tk} tokens but q has {tq}: pass cu_seqlens_k for cross-attention")
     max_seqlen_q = check.cu_seqlens("cu_seqlens_q", cu_seqlens_q, tq, device, max_seqlen_q, "max_seqlen_q")
     if self_attention:
-        cu_seqlens_k, max_seqlen_k = cu_seqlens_q, max_seqlen_q if max_seqlen_k is None else max_seqlen_k
+        cu_seqlens_k = cu_seqlens_q
+        if max_seqlen_k is None:
+            max_seqlen_k = max_seqlen_q
+        else:
+            max_seqlen_k = check.cu_seqlens("cu_seqlens_q", cu_seqlens_q, tq, device, max_seqlen_k, "max_seqlen_k")
     else:
         max_seqlen_k = check.cu_seqlens("cu_seqlens_k", cu_seqlens_k, tk, device, max_seqlen_k, "max_seqlen_k")
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
