@@ -10,7 +10,7 @@ import torch
 
 from .common import environment, write_json
 
-SUITES = ("ops", "attention")
+SUITES = ("ops", "attention", "compression")
 COLUMNS = ("op", "case", "impl", "gflop", "mbytes", "fwd_ms", "fwd_bwd_ms", "tflops", "gbps", "peak_mb", "speedup")
 
 

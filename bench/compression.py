@@ -1,0 +1,382 @@
+"""Visual-token compression at model shapes: patch_merge, spatial_attention_pool, deepstack_add.
+
+For each case and implementation: forward and forward+backward latency, achieved TFLOP/s, achieved
+GB/s of the forward's minimum traffic (every input read once, the output written once) and its
+fraction of the device's copy bandwidth (a large device-to-device copy measured in the same run),
+peak memory, error against the fastvl reference, and the speedup over the PyTorch module path.
+
+Implementations:
+- ``fastvl``: the public op on its Triton kernels (CUDA only: the interpreter is no performance number);
+- ``reference``: the public op on fastvl's plain-PyTorch reference;
+- ``torch-module``: the model code these ops replace, written with torch modules and ops: the HF
+  Qwen2-VL PatchMerger (LayerNorm, view, Sequential(Linear, GELU, Linear)); a FlashSloth-style SAP
+  (Sequential(Linear, ReLU, Linear) scores, per-window softmax and weighted sum; grids divisible by the
+  window); for deepstack_add ``hidden[index] += stacked`` on a copy (``torch-index-put``) and
+  ``index_add`` (``torch-index-add``).
+On CUDA the patch_merge parts are also timed alone: its two GEMMs (with their fused prologue and
+epilogues) against torch.matmul at the same shapes, and its memory-bound norm passes against the
+copy bandwidth (the DESIGN targets: >= 90% of cuBLAS, >= 85% of copy bandwidth).
+
+CUDA runs bf16 at the embedded model shapes. On CPU only the reference and torch paths run, in fp32 on
+scaled-down shapes, and every case name says ``[cpu]``. ``python -m fastvl.bench.compression [--quick]
+[--out DIR]`` writes DIR/compression.json and DIR/compression.png (bench/results/<device>/ by default).
+"""
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import fastvl
+from fastvl.testing import rel_err
+
+from .common import device_name, environment, peak_memory_mb, time_ms, write_json
+
+SUITE = "compression"
+BASELINES = ("torch-module", "torch-index-put")  # ``speedup`` is against the one a case has
+
+# (t, h, w) grids: a ~16k-patch Qwen2-VL pack, every side a multiple of 4 (merge 2 and 4 both apply)
+QWEN_PACK = [[1, 92, 92], [1, 64, 64], [1, 40, 56], [1, 28, 40]]
+SHAPES = {  # device -> {op: [(case, parameters)]}
+    "cuda": {
+        "patch_merge": [("qwen2vl-2b merger m=2", dict(grids=QWEN_PACK, C=1280, hid=5120, out=1536, m=2)),
+                        ("deepstack-e merger m=4", dict(grids=QWEN_PACK, C=1280, hid=5120, out=1536, m=4))],
+        "spatial_attention_pool": [("siglip 27x27", dict(grids=[[27, 27]], C=1152, window=3)),
+                                   ("siglip hd 5x27x27", dict(grids=[[27, 27]] * 5, C=1152, window=3))],
+        "deepstack_add": [("llm 1536, 4x2048 tok, 3980 visual", dict(batch=4, seq=2048, C=1536, visual=995))],
+    },
+    "cpu": {
+        "patch_merge": [("m=2", dict(grids=[[1, 16, 24], [1, 12, 12]], C=96, hid=384, out=192, m=2)),
+                        ("m=4", dict(grids=[[1, 16, 24], [1, 12, 12]], C=96, hid=384, out=192, m=4))],
+        "spatial_attention_pool": [("27x27", dict(grids=[[27, 27]], C=96, window=3)),
+                                   ("hd 5x27x27", dict(grids=[[27, 27]] * 5, C=96, window=3))],
+        "deepstack_add": [("2x512 tok", dict(batch=2, seq=512, C=256, visual=128))],
+    },
+    "quick": {
+        "patch_merge": [("m=2", dict(grids=[[1, 8, 12], [1, 4, 4]], C=32, hid=64, out=48, m=2))],
+        "spatial_attention_pool": [("9x9", dict(grids=[[9, 9], [6, 3]], C=32, window=3))],
+        "deepstack_add": [("2x64 tok", dict(batch=2, seq=64, C=64, visual=16))],
+    },
+}
+
+
+# ------------------------------------------------------------------ the PyTorch module paths
+class HFPatchMerger(nn.Module):
+    """transformers' Qwen2-VL PatchMerger, as written there."""
+
+    def __init__(self, channels, hidden, out, merge):
+        super().__init__()
+        self.hidden_size = channels * merge * merge
+        self.ln_q = nn.LayerNorm(channels, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(self.hidden_size, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x).view(-1, self.hidden_size))
+
+
+class TorchSAP(nn.Module):
+    """FlashSloth-style spatial attention pooling in torch ops (grids divisible by the window)."""
+
+    def __init__(self, channels, window):
+        super().__init__()
+        self.window = window
+        self.score = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, 1))
+
+    def forward(self, x, grids):
+        r, channels, outs = self.window, x.shape[1], []
+        for (h, w), xi in zip(grids, x.split([h * w for h, w in grids])):
+            windows = xi.view(h // r, r, w // r, r, channels).transpose(1, 2).reshape(-1, r * r, channels)
+            weights = self.score(windows).softmax(dim=1)
+            outs.append((weights * windows).sum(dim=1))
+        return torch.cat(outs)
+
+
+# ------------------------------------------------------------------ cases
+@dataclass
+class Case:
+    op: str
+    name: str
+    inputs: list  # floating tensors require grad: forward+backward differentiates all of them
+    impls: dict  # name -> fn(*inputs) -> output
+    gflop: float  # forward
+    mbytes: float  # forward minimum traffic
+    parts: dict = field(default_factory=dict)  # patch_merge on CUDA: what the part timings need
+
+
+def _randn(gen, device, dtype, *shape, scale=1.0, shift=0.0):
+    return (torch.randn(*shape, generator=gen) * scale + shift).to(device=device, dtype=dtype).requires_grad_()
+
+
+def _nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
+
+
+def _merge_case(name, p, device, dtype, gen):
+    tokens = sum(t * h * w for t, h, w in p["grids"])
+    C, hid, out, m = p["C"], p["hid"], p["out"], p["m"]
+    k = m * m * C
+    x = _randn(gen, device, dtype, tokens, C)
+    params = [_randn(gen, device, dtype, C, scale=0.1, shift=1.0), _randn(gen, device, dtype, C, scale=0.1),
+              _randn(gen, device, dtype, hid, k, scale=k ** -0.5), _randn(gen, device, dtype, hid, scale=0.1),
+              _randn(gen, device, dtype, out, hid, scale=hid ** -0.5), _randn(gen, device, dtype, out, scale=0.1)]
+    module = HFPatchMerger(C, hid, out, m).to(device=device, dtype=dtype)
+    names = ["ln_q.weight", "ln_q.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
+    rows = tokens // (m * m)
+    return Case(
+        "patch_merge", f"{name}, {tokens} tok C={C} hid={hid} out={out}", [x, *params],
+        {"op": lambda *a: fastvl.patch_merge(*a, merge_size=m),
+         "torch-module": lambda x, *a: functional_call(module, dict(zip(names, a)), (x,))},
+        gflop=2 * rows * (k * hid + hid * out) / 1e9,
+        mbytes=_nbytes(x, *params) + rows * out * x.element_size() / 1e6,
+        parts=dict(m=m, rows=rows, k=k, hid=hid, out=out),
+    )
+
+
+def _sap_case(name, p, device, dtype, gen):
+    grids, C, r = p["grids"], p["C"], p["window"]
+    tokens = sum(h * w for h, w in grids)
+    x = _randn(gen, device, dtype, tokens, C)
+    params = [_randn(gen, device, dtype, C, C, scale=C ** -0.5), _randn(gen, device, dtype, C, scale=0.1),
+              _randn(gen, device, dtype, 1, C, scale=C ** -0.5), _randn(gen, device, dtype, 1, scale=0.1)]
+    grid_hw = torch.tensor(grids)
+    module = TorchSAP(C, r).to(device=device, dtype=dtype)
+    names = ["score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias"]
+    windows = sum(-(-h // r) * -(-w // r) for h, w in grids)
+    impls = {"op": lambda x, *a: fastvl.spatial_attention_pool(x, grid_hw, *a, window=r)}
+    if all(h % r == 0 and w % r == 0 for h, w in grids):
+        impls["torch-module"] = lambda x, *a: functional_call(module, dict(zip(names, a)), (x, grids))
+    return Case("spatial_attention_pool", f"{name}, {tokens} tok C={C} window={r}", [x, *params], impls,
+                gflop=2 * tokens * C * (C + 1) / 1e9, mbytes=_nbytes(x, *params) + windows * C * x.element_size() / 1e6)
+
+
+def _deepstack_case(name, p, device, dtype, gen):
+    batch, seq, C, visual = p["batch"], p["seq"], p["C"], p["visual"]
+    hidden = _randn(gen, device, dtype, batch, seq, C)
+    stacked = _randn(gen, device, dtype, batch * visual, C)
+    start = seq // 16  # visual tokens after a short text prefix in every sequence
+    index = (torch.arange(batch)[:, None] * seq + start + torch.arange(visual)).flatten().to(device)
+
+    def index_put(h, s):
+        h = h.clone()
+        h.view(-1, C)[index] += s
+        return h
+
+    return Case(
+        "deepstack_add", f"{name} C={C}", [hidden, stacked],
+        {"op": lambda h, s: fastvl.deepstack_add(h, index, s), "torch-index-put": index_put,
+         "torch-index-add": lambda h, s: h.view(-1, C).index_add(0, index, s).view_as(h)},
+        gflop=0.0, mbytes=_nbytes(hidden, stacked, index) + _nbytes(hidden),
+    )
+
+
+BUILDERS = {"patch_merge": _merge_case, "spatial_attention_pool": _sap_case, "deepstack_add": _deepstack_case}
+
+
+def cases(device, quick, seed=0):
+    cuda = torch.device(device).type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shapes = SHAPES["quick" if quick else "cuda" if cuda else "cpu"]
+    gen = torch.Generator().manual_seed(seed)
+    found = [BUILDERS[op](name, p, device, dtype, gen) for op, entries in shapes.items() for name, p in entries]
+    for case in found if not cuda else ():
+        case.name += " [cpu]"
+    return found
+
+
+# ------------------------------------------------------------------ measurement
+def copy_bandwidth(device, warmup, repeat, nbytes=None):
+    """GB/s of a large device-to-device copy (read + write), the memory-bound ceiling of this device."""
+    nbytes = nbytes or ((1 << 30) if torch.device(device).type == "cuda" else (64 << 20))
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup, repeat)
+    return 2 * nbytes / ms / 1e6
+
+
+def _impls(case, cuda):
+    """(row name, fastvl backend or None, fn); the op runs as 'fastvl' (Triton, CUDA only) and 'reference'."""
+    found = [("reference", "reference", case.impls["op"])]
+    if cuda:
+        found.insert(0, ("fastvl", "triton", case.impls["op"]))
+    return found + [(name, None, fn) for name, fn in case.impls.items() if name != "op"]
+
+
+def steps(case, fn, backend, device):
+    leaves = [t for t in case.inputs if t.requires_grad]
+    gen = torch.Generator().manual_seed(1)
+
+    def fwd():
+        with torch.no_grad(), fastvl.use_backend(backend):
+            return fn(*case.inputs)
+
+    dout = torch.randn(fwd().shape, generator=gen).to(device=device, dtype=case.inputs[0].dtype)
+
+    def fwd_bwd():
+        with fastvl.use_backend(backend):
+            return torch.autograd.grad(fn(*case.inputs), leaves, dout)
+
+    return fwd, fwd_bwd
+
+
+def measure(case, fn, backend, device, warmup, repeat):
+    fwd, fwd_bwd = steps(case, fn, backend, device)
+    fwd_ms = time_ms(fwd, device, warmup, repeat)
+    fwd_bwd_ms = time_ms(fwd_bwd, device, warmup, repeat)
+    return fwd(), {
+        "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
+        "peak_mb_fwd": peak_memory_mb(fwd, device), "peak_mb": peak_memory_mb(fwd_bwd, device),
+    }
+
+
+def _part_rows(case, common, copy_gbps, device, warmup, repeat):
+    """patch_merge's GEMMs against torch.matmul, its norm passes against the copy bandwidth (CUDA)."""
+    from fastvl.kernels import patch_merge as kernel
+
+    p = case.parts
+    x, ln_w, ln_b, w1, b1, w2, b2 = (t.detach() for t in case.inputs)
+    stats = kernel.norm_stats(x, 1e-6, "layernorm")
+    merged = kernel.Merged(x, stats, ln_w, ln_b, p["m"] * p["m"])
+    act = x.new_empty(p["rows"], p["hid"])
+    out = x.new_empty(p["rows"], p["out"])
+    normed = F.layer_norm(x, (x.shape[1],), ln_w, ln_b, 1e-6).view(p["rows"], p["k"])
+    dnormed = torch.randn_like(normed)
+    gemms = {
+        "fc1 (norm prologue, bias+GELU epilogue)": (2 * p["rows"] * p["k"] * p["hid"],
+                                                    lambda: kernel.matmul(merged, w1.t(), act, bias=b1, gelu=1),
+                                                    lambda: torch.matmul(normed, w1.t())),
+        "fc2 (bias epilogue)": (2 * p["rows"] * p["hid"] * p["out"], lambda: kernel.matmul(act, w2.t(), out, bias=b2),
+                                lambda: torch.matmul(act, w2.t())),
+    }
+    rows = []
+    for part, (flop, ours, cublas) in gemms.items():
+        ours_ms, cublas_ms = time_ms(ours, device, warmup, repeat), time_ms(cublas, device, warmup, repeat)
+        rows.append({**common, "op": f"patch_merge/{part}", "impl": "fastvl", "gflop": flop / 1e9, "fwd_ms": ours_ms,
+                     "tflops": flop / ours_ms / 1e9, "cublas_ms": cublas_ms, "cublas_tflops": flop / cublas_ms / 1e9,
+                     "vs_cublas": cublas_ms / ours_ms})
+    passes = {
+        "norm stats (read x)": (_nbytes(x) + _nbytes(stats), lambda: kernel.norm_stats(x, 1e-6, "layernorm")),
+        "norm backward (read x, dX; write dx)": (3 * _nbytes(x) + _nbytes(stats),
+                                                 lambda: kernel.norm_backward(dnormed, x, stats, ln_w, "layernorm")),
+    }
+    for part, (mbytes, fn) in passes.items():
+        ms = time_ms(fn, device, warmup, repeat)
+        rows.append({**common, "op": f"patch_merge/{part}", "impl": "fastvl", "mbytes": mbytes, "fwd_ms": ms,
+                     "gbps": mbytes / ms, "copy_frac": mbytes / ms / copy_gbps})
+    return rows
+
+
+def run(device, quick):
+    """One row per (case, implementation); CUDA adds the patch_merge part rows; skipped paths say why."""
+    cuda = torch.device(device).type == "cuda"
+    warmup, repeat = (1, 2) if quick else (3, 10) if cuda else (2, 5)
+    copy_gbps = copy_bandwidth(device, warmup, repeat, (16 << 20) if quick else None)
+    label = device_name(device)
+    rows = []
+    for case in cases(device, quick):
+        dtype = str(case.inputs[0].dtype).replace("torch.", "")
+        common = {"suite": SUITE, "op": case.op, "case": case.name, "device": label, "dtype": dtype,
+                  "copy_gbps": copy_gbps}
+        case_rows, expected = [], None
+        for impl, backend, fn in _impls(case, cuda):
+            try:
+                out, timing = measure(case, fn, backend, device, warmup, repeat)
+            except Exception as exc:  # noqa: BLE001 - a path that fails is reported, the others still run
+                rows.append({**common, "impl": impl, "skipped": f"failed: {type(exc).__name__}: {exc}"[:300]})
+                continue
+            if impl == "reference":
+                expected = out
+            gbps = case.mbytes / timing["fwd_ms"]
+            case_rows.append({
+                **common, "impl": impl, "backend": backend, "gflop": case.gflop, "mbytes": case.mbytes, **timing,
+                "tflops": case.gflop / timing["fwd_ms"], "tflops_fwd_bwd": 3 * case.gflop / timing["fwd_bwd_ms"],
+                "gbps": gbps, "copy_frac": gbps / copy_gbps, "_out": out,
+            })
+        for r in case_rows:
+            r["rel_err"] = rel_err(r.pop("_out"), expected) if expected is not None else None
+        baseline = next((r for r in case_rows if r["impl"] in BASELINES), None)
+        for r in case_rows if baseline else ():
+            r["speedup"] = baseline["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            r["speedup_fwd"] = baseline["fwd_ms"] / r["fwd_ms"]
+        rows += case_rows
+        if cuda and case.op == "patch_merge":
+            rows += _part_rows(case, common, copy_gbps, device, warmup, repeat)
+        if cuda:
+            torch.cuda.empty_cache()
+    if not cuda:
+        rows.append({"suite": SUITE, "op": "all", "case": "all", "impl": "fastvl", "device": label,
+                     "skipped": "Triton kernels: CUDA only (the interpreter is no performance number)"})
+    return rows
+
+
+def measured(rows):
+    return [r for r in rows if "skipped" not in r]
+
+
+def plot(rows, path):
+    """Forward and forward+backward latency per case and implementation (log scale); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in measured(rows) if "fwd_bwd_ms" in r]
+    names = list(dict.fromkeys(r["case"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    width = 0.8 / len(impls)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.8 * len(names)), 9), sharex=True)
+    for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwd_bwd_ms", "forward + backward")):
+        for i, impl in enumerate(impls):
+            values = [next((r[key] for r in rows if r["case"] == c and r["impl"] == impl), 0.0) for c in names]
+            ax.bar([x + i * width for x in range(len(names))], values, width, label=impl)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        ax.set_title(f"token compression, {title} ({rows[0]['device']}, {rows[0]['dtype']})")
+    axes[1].set_xticks([x + 0.4 - width / 2 for x in range(len(names))])
+    axes[1].set_xticklabels([c.replace(", ", "\n") for c in names], fontsize=7)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def default_out(device):
+    """bench/results/<device>/, e.g. bench/results/nvidia-h100-80gb-hbm3/."""
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", slug)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastvl.bench.compression", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke run of seconds)")
+    parser.add_argument("--out", help="output folder (default: bench/results/<device>/)")
+    args = parser.parse_args(argv)
+    from . import print_table
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run(device, args.quick)
+    print_table(measured(rows))
+    for r in rows:
+        if "skipped" in r:
+            print(f"skipped {r['impl']} ({r['case']}): {r['skipped']}")
+    out = args.out or default_out(device)
+    path = os.path.join(out, f"{SUITE}.json")
+    write_json(path, {"environment": environment(device), "suite": SUITE, "quick": args.quick, "rows": rows})
+    print(f"wrote {path}")
+    if plot(rows, os.path.join(out, f"{SUITE}.png")):
+        print(f"wrote {os.path.join(out, SUITE + '.png')}")
+    else:
+        print("matplotlib is not installed: no plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
