@@ -7,9 +7,10 @@ log-sum-exp saved for the backward. Backward: a delta = rowsum(dO * O) pass, the
 one program per (q block, head) accumulating dq: deterministic, no atomics.
 
 Cost notes behind the layout:
-- Head dims 72/80/96 are split into two power-of-two tiles (64 + 16, 64 + 16, 64 + 32) whose dots
-  accumulate into one score tile: padding 80 to 128 would spend 60% more tensor-core work on
-  every dot. 72 pads its 8-wide remainder to 16 (the smallest dot depth): 11%.
+- Head dims 72/80/96/128 are split into two power-of-two tiles (64 + 16, 64 + 16, 64 + 32, 64 + 64)
+  whose dots accumulate into one score tile: padding 80 to 128 would spend 60% more tensor-core work
+  on every dot. 72 pads its 8-wide remainder to 16 (the smallest dot depth): 11%. Two 64-wide
+  tiles at D=128 keep the RoPE epilogue (un-rotating dq/dk) to half a tile of temporaries at a time.
 - With RoPE the q/k tiles are built from rotation pairs: tile t holds the pairs (i, i + D/2) for a
   range of i, loaded as two contiguous halves, rotated elementwise and interleaved (the dot does not
   care how the head dim is ordered, only that q and k agree). The rotation then needs no data
@@ -34,9 +35,8 @@ LOG2E = math.log2(math.e)
 
 def _tiles(head_dim):
     """Widths (WA, WB) of the two head-dim tiles; WB = 0 when one tile covers the head dim."""
-    wa = 128 if head_dim >= 128 else 64
-    rest = head_dim - wa
-    return wa, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+    rest = head_dim - 64
+    return 64, (max(16, triton.next_power_of_2(rest)) if rest else 0)
 
 
 def _configs(gpu, interpreter):
@@ -49,11 +49,14 @@ def _configs(gpu, interpreter):
 
 # ------------------------------------------------------------------ tile loads and stores
 @triton.jit
-def _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM: tl.constexpr):
-    """cos/sin [N, len(pair)] of the rotation of pairs (i, i + D/2) at the tokens' (row, col)."""
+def _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM: tl.constexpr,
+                  DIRECTION: tl.constexpr):
+    """cos/sin [N, len(pair)] of the rotation of pairs (i, i + D/2) at the tokens' (row, col); DIRECTION -1
+    for the inverse rotation. (Inverse angles also keep the compiler from sharing one cos/sin tile between
+    a load and the store of its gradient, which would hold it in registers through the whole loop.)"""
     QUARTER: tl.constexpr = HEAD_DIM // 4
     use_col = pair >= QUARTER
-    freq = tl.exp2(tl.where(use_col, pair - QUARTER, pair).to(tl.float32) * (-4.0 / HEAD_DIM) * log2_theta)
+    freq = DIRECTION * tl.exp2(tl.where(use_col, pair - QUARTER, pair).to(tl.float32) * (-4.0 / HEAD_DIM) * log2_theta)
     row = tl.load(pos_ptr + tok * stride_pt, mask=tok_mask, other=0).to(tl.float32)
     col = tl.load(pos_ptr + tok * stride_pt + stride_pc, mask=tok_mask, other=0).to(tl.float32)
     angle = tl.where(use_col[None, :], col[:, None], row[:, None]) * freq[None, :]
@@ -104,7 +107,7 @@ def _load_qk(ptr, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, log2_t
         lo_ptr = ptr + tok[:, None] * stride_t + pair[None, :]
         lo = tl.load(lo_ptr, mask=mask, other=0.0).to(tl.float32)
         hi = tl.load(lo_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        cos, sin = _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM)
+        cos, sin = _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM, 1.0)
         x = tl.join(lo * cos - hi * sin, hi * cos + lo * sin)
         return tl.reshape(x, (tok.shape[0], WIDTH)).to(ptr.dtype.element_ty)
     else:
@@ -114,16 +117,16 @@ def _load_qk(ptr, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, log2_t
 @triton.jit
 def _store_qk_grad(ptr, g, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, log2_theta,
                    START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
-    """Store a dq/dk tile given in the layout of _load_qk; with RoPE rotate it back (the transposed rotation)."""
+    """Store a dq/dk tile given in the layout of _load_qk; with RoPE rotate it back (by the negative angles)."""
     if ROPE:
         HALF: tl.constexpr = HEAD_DIM // 2
         pair = START // 2 + tl.arange(0, WIDTH // 2)
         mask = tok_mask[:, None] & (pair < HALF)[None, :]
         lo, hi = tl.split(tl.reshape(g, (tok.shape[0], WIDTH // 2, 2)))
-        cos, sin = _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM)
+        cos, sin = _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM, -1.0)
         lo_ptr = ptr + tok[:, None] * stride_t + pair[None, :]
-        tl.store(lo_ptr, (lo * cos + hi * sin).to(ptr.dtype.element_ty), mask=mask)
-        tl.store(lo_ptr + HALF, (hi * cos - lo * sin).to(ptr.dtype.element_ty), mask=mask)
+        tl.store(lo_ptr, (lo * cos - hi * sin).to(ptr.dtype.element_ty), mask=mask)
+        tl.store(lo_ptr + HALF, (hi * cos + lo * sin).to(ptr.dtype.element_ty), mask=mask)
     else:
         _store_tile(ptr, g, tok, tok_mask, stride_t, START, WIDTH, HEAD_DIM)
 
@@ -189,8 +192,7 @@ def _fwd_specs(fn):
 
 @gated(_fwd_specs, tensor_cores="wgmma")
 @triton.autotune(
-    _configs([({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 3),
-              ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3)], {"BLOCK_M": 32, "BLOCK_N": 16}),
+    _configs([({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3)], {"BLOCK_M": 32, "BLOCK_N": 16}),
     key=["HEAD_DIM", "CAUSAL", "ROPE"],
 )
 @triton.jit
@@ -321,8 +323,7 @@ def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, 
 
 @gated(_bwd_specs, tensor_cores="wgmma")
 @triton.autotune(
-    _configs([({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 2), ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2)],
-             {"BLOCK_M": 16, "BLOCK_N": 32}),
+    _configs([({"BLOCK_M": 16, "BLOCK_N": 64}, 8, 1)], {"BLOCK_M": 16, "BLOCK_N": 32}),
     key=["HEAD_DIM", "CAUSAL", "ROPE"],
 )
 @triton.jit
@@ -422,8 +423,7 @@ def _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_ptr,
 
 @gated(_bwd_specs, tensor_cores="wgmma")
 @triton.autotune(
-    _configs([({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2), ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2)],
-             {"BLOCK_M": 32, "BLOCK_N": 16}),
+    _configs([({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2)], {"BLOCK_M": 32, "BLOCK_N": 16}),
     key=["HEAD_DIM", "CAUSAL", "ROPE"],
 )
 @triton.jit
