@@ -326,6 +326,7 @@ def _gradcheck_cases():
         "patch_merge-rmsnorm": ((lambda x, w, *a: fastvl.patch_merge(x, w, None, *a, norm="rmsnorm")), merge_rms),
         "spatial_attention_pool": ((lambda x, *a: fastvl.spatial_attention_pool(x, torch.tensor([[2, 3], [1, 4]]), *a, window=2)), sap),
         "deepstack_add": ((lambda h, s: fastvl.deepstack_add(h, torch.tensor([4, 0, 2]), s)), deep),
+        "deepstack_add_": ((lambda h, s: fastvl.deepstack_add_(h * 1, torch.tensor([4, 0, 2]), s)), deep),
     }
 
 
