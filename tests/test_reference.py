@@ -84,17 +84,12 @@ def test_rope_matches_transformers(head_dim, theta):
     assert_all_close(grads(out_ours, (q, k), generator(1)), grads(out_hf, (q, k), generator(1)), ["dq", "dk"], HF_FP32_TOL)
 
 
-def _attention_pair(attn, hidden, cu, pos, cos, sin):
-    """(transformers' module output, ours on the same projected q/k/v with fused RoPE)."""
+def _check_attention(attn, hidden, cu, pos, cos, sin):
+    """transformers' attention module vs ours on its projected q/k/v with fused RoPE: output, every gradient."""
     theirs = attn(hidden, cu_seqlens=cu, position_embeddings=(cos, sin))
     T = hidden.shape[0]
     q, k, v = attn.qkv(hidden).reshape(T, 3, attn.num_heads, -1).unbind(1)
-    out = fastvl.varlen_attention(q, k, v, cu, rope_pos=pos.to(torch.int32))
-    return attn.proj(out.reshape(T, -1)), theirs
-
-
-def _check_attention(attn, hidden, cu, pos, cos, sin):
-    ours, theirs = _attention_pair(attn, hidden, cu, pos, cos, sin)
+    ours = attn.proj(fastvl.varlen_attention(q, k, v, cu, rope_pos=pos.to(torch.int32)).reshape(T, -1))
     assert_close(ours, theirs, F64, tol=HF_FP32_TOL)
     names = ["hidden", *(name for name, _ in attn.named_parameters())]
     inputs = [hidden, *attn.parameters()]
