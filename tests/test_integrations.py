@@ -255,6 +255,16 @@ def test_vision_tower_on_the_kernels(name, device, triton_backend):
         assert_close(p.grad.cpu(), q.grad, tol=tol, name=f"{key}.grad")
 
 
+@pytest.mark.slow
+def test_compiled_tower_matches_transformers():
+    """torch.compile traces the blocks and the ops; only the host-side layout stays eager."""
+    reference = tiny_qwen2_5_vl()
+    model = fastvl.patch(copy.deepcopy(reference))
+    x = pixels(GRID)
+    out = torch.compile(model.model.visual)(x, grid_thw=GRID).pooler_output
+    assert_close(out, reference.model.visual(x, grid_thw=GRID).pooler_output, tol=ROPE_TOL)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", MODELS)
 def test_vision_tower_bf16_on_gpu(name, triton_backend):

@@ -94,6 +94,7 @@ def _segments(attention_mask, kwargs, batch, tq, tk, device) -> Segments:
 _last = (None, None, None)  # (weak reference to the source tensor, key, Segments)
 
 
+@torch.compiler.disable  # host-side index work: torch.compile runs it as is
 def _memoised(build, source, batch, tq, tk, device):
     """``build(source on the host, ...)``, computed once for all the layers of a forward."""
     global _last

@@ -40,6 +40,7 @@ class VisionLayout(NamedTuple):
     reverse_index: Optional[Tensor] = None  # its inverse: merged tokens back to image order
 
 
+@torch.compiler.disable  # host-side index work: torch.compile runs it as is
 def vision_layout(grid_thw, merge_size, window=None, device=None) -> VisionLayout:
     """The layout of ``grid_thw`` [N, 3] (t, h, w patches per image); ``window``: merged tokens per
     window side for Qwen2.5-VL window attention, None for Qwen2-VL.
