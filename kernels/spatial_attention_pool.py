@@ -144,6 +144,12 @@ def _pool_specs(fn):
             for dt, r in (("fp16", 3), ("bf16", 3), ("bf16", 2))]
 
 
+def _pool_backward_specs(fn):
+    with_dx = [Spec(s.name, s.signature, {**s.constexprs, "WRITE_DX": True}, s.options) for s in _pool_specs(fn)]
+    no_dx = with_dx[1]
+    return with_dx + [Spec(no_dx.name + " no dx", no_dx.signature, {**no_dx.constexprs, "WRITE_DX": False}, no_dx.options)]
+
+
 @gated(specs=_pool_specs)
 @triton.jit
 def _pool_kernel(
@@ -162,13 +168,13 @@ def _pool_kernel(
              mask=live[:, None] & (c < C)[None, :])
 
 
-@gated(specs=_pool_specs)
+@gated(specs=_pool_backward_specs)
 @triton.jit
 def _pool_backward_kernel(
     x_ptr, score_ptr, meta_ptr, dy_ptr, dx_ptr, dscore_ptr, NW, C, stride_x, stride_dy,
-    R: tl.constexpr, RR: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
+    R: tl.constexpr, RR: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr, WRITE_DX: tl.constexpr,
 ):
-    """dscore = w * (dy.x - sum_window(w * dy.x)) per token, and dx = w * dy (the MLP term is added later)."""
+    """dscore = w * (dy.x - sum_window(w * dy.x)) per token, and (WRITE_DX) dx = w * dy, the MLP term added later."""
     win, live, tok, valid, weight = _window_block(meta_ptr, score_ptr, NW, R, RR, BW)
     dy_rows = dy_ptr + win.to(tl.int64)[:, None] * stride_dy
     dots = tl.zeros((BW, RR), dtype=tl.float32)
@@ -183,7 +189,8 @@ def _pool_backward_kernel(
             mask = v[:, None] & (c < C)[None, :]
             x = tl.load(x_ptr + t[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
             dot += tl.sum(x * dy, axis=1)
-            tl.store(dx_ptr + t[:, None] * C + c[None, :], (w[:, None] * dy).to(dx_ptr.dtype.element_ty), mask=mask)
+            if WRITE_DX:
+                tl.store(dx_ptr + t[:, None] * C + c[None, :], (w[:, None] * dy).to(dx_ptr.dtype.element_ty), mask=mask)
         dots += tl.where((tl.arange(0, RR) == k)[None, :], dot[:, None], 0.0)
     dscore = weight * (dots - tl.sum(weight * dots, axis=1)[:, None])
     tl.store(dscore_ptr + tok, dscore, mask=valid != 0)
@@ -231,17 +238,18 @@ def forward(x, grid_hw, w1, b1, w2, b2, window, num_windows):
     return out, scores
 
 
-def backward(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows, scores):
-    """Gradients of x, w1, b1, w2, b2."""
+def backward(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows, scores, need_dx):
+    """Gradients of x (empty unless need_dx: a frozen tower skips its GEMM), w1, b1, w2, b2."""
     tokens, channels = x.shape
     hid = w1.shape[0]
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
     dscore = torch.empty(tokens, dtype=torch.float32, device=x.device)
     if num_windows:
         meta = _window_meta(grid_hw, window, num_windows, x.device)
         blocks = _pool_blocks(window)
         _pool_backward_kernel[(triton.cdiv(num_windows, blocks["BW"]),)](
-            x, scores, meta, grad, dx, dscore, num_windows, channels, x.stride(0), grad.stride(0), **blocks, num_warps=4)
+            x, scores, meta, grad, dx, dscore, num_windows, channels, x.stride(0), grad.stride(0), **blocks,
+            WRITE_DX=need_dx, num_warps=4)
     b1, w2 = b1.contiguous(), w2.contiguous()
     dh = x.new_empty(tokens, hid)
     slabs = triton.cdiv(tokens, SLAB)
@@ -251,6 +259,7 @@ def backward(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows, scores):
         grid = lambda meta: (slabs, triton.cdiv(hid, meta["BN"]))  # noqa: E731
         _mlp_backward_kernel[grid](x, w1, b1, w2, dscore, dh, dw2, db1, tokens, channels, hid,
                                    x.stride(0), w1.stride(0), SLAB=SLAB)
-    dx = torch.addmm(dx, dh, w1)
+    if need_dx:
+        dx = torch.addmm(dx, dh, w1)
     dw1 = dh.t() @ x
     return dx, dw1, db1.sum(0).to(b1.dtype), dw2.sum(0).to(w2.dtype).view_as(w2), torch.zeros_like(b2)

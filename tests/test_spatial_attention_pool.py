@@ -73,6 +73,22 @@ def test_kernel_matches_reference(triton_backend, kernel_dtype, device, case):
     assert exact[4].grad.abs().item() < 1e-12 * ref.abs().sum().item()
 
 
+def test_frozen_features(triton_backend, device):
+    """x without grad (a frozen tower, FlashSloth stage 1): the weights' gradients alone, dx never formed."""
+    grids, r = CASES["pack-w3"]
+    x, grid_hw, params = _inputs(grids, torch.float32, device, seed=8)
+    weights = [p.requires_grad_() for p in params]
+    out = fastvl.spatial_attention_pool(x, grid_hw, *weights, window=r)
+    grad = randn(*out.shape, device=device, gen=generator(9))
+    out.backward(grad)
+    exact = [p.detach().double().requires_grad_() for p in params]
+    with fastvl.use_backend("reference"):
+        fastvl.spatial_attention_pool(x.double(), grid_hw, *exact, window=r).backward(grad.double())
+    assert x.grad is None
+    for name, got, want in zip(("dw1", "db1", "dw2"), weights, exact):
+        assert_close(got.grad, want.grad, tol=_tolerance(torch.float32, device), name=name)
+
+
 def test_kernel_matches_window_loop(triton_backend, device):
     """fp32 kernel against the independent loop oracle (float64), which the reference also matches."""
     grids, r = [(7, 5), (3, 3), (2, 7), (1, 1)], 3

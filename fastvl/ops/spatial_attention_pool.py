@@ -61,19 +61,19 @@ def _(x, grid_hw, w1, b1, w2, b2, window, num_windows):
 @torch.library.custom_op("fastvl::spatial_attention_pool_backward", mutates_args=())
 def _backward(
     grad: Tensor, x: Tensor, grid_hw: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, window: int,
-    num_windows: int, scores: Tensor,
+    num_windows: int, scores: Tensor, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of x, w1, b1, w2, b2."""
+    """Gradients of x (an empty tensor unless need_dx), w1, b1, w2, b2."""
     kernel = kernel_module("spatial_attention_pool", x)
     if kernel is not None:
-        return kernel.backward(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows, scores)
+        return kernel.backward(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows, scores, need_dx)
     dx, _, dw1, db1, dw2, db2 = reference_vjp(reference.spatial_attention_pool, [x, grid_hw, w1, b1, w2, b2], grad, window)
-    return dx, dw1, db1, dw2, db2
+    return dx if need_dx else x.new_empty(0), dw1, db1, dw2, db2
 
 
 @_backward.register_fake
-def _(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows, scores):
-    return tuple(torch.empty_like(t) for t in (x, w1, b1, w2, b2))
+def _(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows, scores, need_dx):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0), *(torch.empty_like(t) for t in (w1, b1, w2, b2)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -85,8 +85,9 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad, _grad_scores):
     x, grid_hw, w1, b1, w2, b2, scores = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2 = _backward(grad.contiguous(), x, grid_hw, w1, b1, w2, b2, *ctx.args, scores)
-    return dx, None, dw1, db1, dw2, db2, None, None
+    need_dx = ctx.needs_input_grad[0]
+    dx, dw1, db1, dw2, db2 = _backward(grad.contiguous(), x, grid_hw, w1, b1, w2, b2, *ctx.args, scores, need_dx)
+    return dx if need_dx else None, None, dw1, db1, dw2, db2, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
