@@ -76,6 +76,17 @@ def test_in_place_under_autograd(backend, device):
         assert_close(b, a, torch.float32)
 
 
+def test_in_place_into_constant_hidden(triton_backend, device):
+    """hidden without grad (a frozen embedding), stacked trainable: the result joins the graph."""
+    hidden, index, stacked = _case(torch.float32, device, seed=10)
+    stacked.requires_grad_()
+    out = fastvl.deepstack_add_(hidden, index, stacked)
+    assert out is hidden and out.requires_grad
+    grad = randn(B, L, C, device=device, gen=generator(11))
+    out.backward(grad)
+    assert torch.equal(stacked.grad, grad.reshape(-1, C)[index])
+
+
 def test_in_place_autograd_errors(triton_backend, device):
     hidden, index, stacked = _case(torch.float32, device, seed=7)
     leaf = hidden.clone().requires_grad_()
@@ -115,6 +126,12 @@ def test_index_validation(op, device):
         op(hidden, index, stacked[:, :-1])
     with pytest.raises(TypeError, match="stacked must have the dtype of hidden"):
         op(hidden, index, stacked.half())
+
+
+def test_in_place_registration(device):
+    """torch.library.opcheck: the mutating op declares its mutation and its fake impl agrees."""
+    hidden, index, stacked = _case(torch.float32, device, seed=12)
+    torch.library.opcheck(torch.ops.fastvl.deepstack_add_.default, (hidden, index, stacked))
 
 
 def test_compile_in_place(device):
