@@ -389,13 +389,18 @@ def test_lm_attention_rejects_what_it_cannot_do():
         attention.fastvl_attention(module, q, k, v, torch.zeros(1, 1, 5, 5))
 
 
-def test_patch_text_attention_on_qwen2_vl():
-    model = tiny_qwen2_vl()
+@pytest.mark.parametrize("name", MODELS)
+def test_patch_text_attention(name, monkeypatch):
+    model = MODELS[name]()
     reference = copy.deepcopy(model)
     assert fastvl.patch(model, text_attention=True).config.text_config._attn_implementation == "fastvl"
     ids, types = prompt(GRID)
     x = pixels(GRID)
+    calls = []
+    original = attention.varlen_attention
+    monkeypatch.setattr(attention, "varlen_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
     out = model(input_ids=ids, pixel_values=x, image_grid_thw=GRID, mm_token_type_ids=types).logits
+    assert len(calls) == TEXT["num_hidden_layers"]
     ref = reference(input_ids=ids, pixel_values=x, image_grid_thw=GRID, mm_token_type_ids=types).logits
     assert_close(out, ref, tol=ROPE_TOL, name="logits")
     fastvl.unpatch(model)
