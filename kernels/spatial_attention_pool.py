@@ -38,13 +38,21 @@ def _gemm_configs(*tiles):
     return [triton.Config({"BM": bm, "BN": bn, "BK": 32}, num_warps=w, num_stages=3) for bm, bn, w in tiles]
 
 
+def _size_class(tokens):
+    """log2 of the token count: keys the GEMM autotuning (a single crop and a training pack tile differently)
+    without re-tuning for every pack size."""
+    return max(tokens, 1).bit_length()
+
+
 def _gemm_specs(fn):
     fp32 = {name: "*fp32" for name in ("partial_ptr", "dscore_ptr", "dw2_ptr", "db1_ptr")}
     return [Spec(dt, signature(fn, dt, **fp32), {"SLAB": SLAB}) for dt in ("fp16", "bf16")]
 
 
 @triton.jit
-def _pre_activation(x_ptr, w1_ptr, b1_ptr, rm, rn, T, C, HID, stride_x, stride_w, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _pre_activation(
+    x_ptr, w1_ptr, b1_ptr, rm, rn, T, C, HID, stride_x, stride_w, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
     """fp32 tile x[rm] @ W1[rn]^T + b1[rn]; rows past T / columns past HID wrap around (callers mask them)."""
     rk = tl.arange(0, BK)
     a_ptrs = x_ptr + (rm % T).to(tl.int64)[:, None] * stride_x + rk[None, :]
@@ -60,11 +68,11 @@ def _pre_activation(x_ptr, w1_ptr, b1_ptr, rm, rn, T, C, HID, stride_x, stride_w
 
 
 @gated(specs=_gemm_specs, tensor_cores="wgmma")
-@triton.autotune(_gemm_configs((64, 64, 4), (128, 64, 8), (128, 128, 8)), key=["C", "HID"],
+@triton.autotune(_gemm_configs((64, 64, 4), (128, 64, 8), (128, 128, 8)), key=["size_class", "C", "HID"],
                  prune_configs_by={"early_config_prune": _first_config_when_interpreting})
 @triton.jit
 def _score_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, partial_ptr, T, C, HID, stride_x, stride_w,
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, partial_ptr, T, C, HID, stride_x, stride_w, size_class,
     SLAB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """partial[slab, t] = sum over the slab's Hid columns n of w2[n] * relu(x[t] . W1[n] + b1[n])."""
@@ -80,11 +88,11 @@ def _score_kernel(
 
 
 @gated(specs=_gemm_specs, tensor_cores="wgmma")
-@triton.autotune(_gemm_configs((64, 64, 4), (128, 64, 8), (64, 128, 8)), key=["C", "HID"],
+@triton.autotune(_gemm_configs((64, 64, 4), (128, 64, 8), (64, 128, 8)), key=["size_class", "C", "HID"],
                  prune_configs_by={"early_config_prune": _first_config_when_interpreting})
 @triton.jit
 def _mlp_backward_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, dscore_ptr, dh_ptr, dw2_ptr, db1_ptr, T, C, HID, stride_x, stride_w,
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, dscore_ptr, dh_ptr, dw2_ptr, db1_ptr, T, C, HID, stride_x, stride_w, size_class,
     SLAB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """dh = dscore * w2 * (pre > 0) for the slab's tokens; per-slab column sums of dscore * relu(pre) and dh."""
@@ -146,8 +154,8 @@ def _pool_specs(fn):
 
 def _pool_backward_specs(fn):
     with_dx = [Spec(s.name, s.signature, {**s.constexprs, "WRITE_DX": True}, s.options) for s in _pool_specs(fn)]
-    no_dx = with_dx[1]
-    return with_dx + [Spec(no_dx.name + " no dx", no_dx.signature, {**no_dx.constexprs, "WRITE_DX": False}, no_dx.options)]
+    base = with_dx[1]
+    return with_dx + [Spec(base.name + " no dx", base.signature, {**base.constexprs, "WRITE_DX": False}, base.options)]
 
 
 @gated(specs=_pool_specs)
@@ -220,7 +228,8 @@ def _scores(x, w1, b1, w2):
     hid = w1.shape[0]
     partial = torch.empty(triton.cdiv(hid, SLAB), tokens, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(tokens, meta["BM"]), triton.cdiv(hid, SLAB))  # noqa: E731
-    _score_kernel[grid](x, w1, b1, w2, partial, tokens, channels, hid, x.stride(0), w1.stride(0), SLAB=SLAB)
+    _score_kernel[grid](x, w1, b1, w2, partial, tokens, channels, hid, x.stride(0), w1.stride(0), _size_class(tokens),
+                        SLAB=SLAB)
     return partial.sum(0)
 
 
@@ -258,7 +267,7 @@ def backward(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows, scores, need
     if tokens:
         grid = lambda meta: (slabs, triton.cdiv(hid, meta["BN"]))  # noqa: E731
         _mlp_backward_kernel[grid](x, w1, b1, w2, dscore, dh, dw2, db1, tokens, channels, hid,
-                                   x.stride(0), w1.stride(0), SLAB=SLAB)
+                                   x.stride(0), w1.stride(0), _size_class(tokens), SLAB=SLAB)
     if need_dx:
         dx = torch.addmm(dx, dh, w1)
     dw1 = dh.t() @ x

@@ -37,7 +37,8 @@ def deepstack_index(grid_thw, order="spatial", device=None):
     for t, h, w in rows:
         mh, mw = h // 2, w // 2  # merged grid
         frame = torch.arange(t, device=device).view(t, 1, 1) * (mh * mw)
-        top_left = frame + torch.arange(0, mh, 2, device=device).view(1, -1, 1) * mw + torch.arange(0, mw, 2, device=device)
+        even_rows = torch.arange(0, mh, 2, device=device).view(1, -1, 1)
+        top_left = frame + even_rows * mw + torch.arange(0, mw, 2, device=device)
         groups.append(torch.stack([top_left + i * mw + j for i in (0, 1) for j in (0, 1)]).view(4, -1) + offset)
         offset += t * mh * mw
     if not groups:

@@ -67,7 +67,8 @@ def _backward(
     kernel = kernel_module("spatial_attention_pool", x)
     if kernel is not None:
         return kernel.backward(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows, scores, need_dx)
-    dx, _, dw1, db1, dw2, db2 = reference_vjp(reference.spatial_attention_pool, [x, grid_hw, w1, b1, w2, b2], grad, window)
+    inputs = [x, grid_hw, w1, b1, w2, b2]
+    dx, _, dw1, db1, dw2, db2 = reference_vjp(reference.spatial_attention_pool, inputs, grad, window)
     return dx if need_dx else x.new_empty(0), dw1, db1, dw2, db2
 
 
