@@ -14,14 +14,14 @@ CASES = {  # name: (grids (h, w) per image, window)
 }
 
 
-def _inputs(grids, dtype, device, seed=0, stride_pad=0):
+def _inputs(grids, dtype, device, seed=0, stride_pad=0, channels=C, hidden=HID):
     gen = generator(seed)
     tokens = sum(h * w for h, w in grids)
-    x = randn(tokens, C + stride_pad, dtype=dtype, device=device, gen=gen)[:, :C]
+    x = randn(tokens, channels + stride_pad, dtype=dtype, device=device, gen=gen)[:, :channels]
     params = [
-        randn(HID, C, dtype=dtype, device=device, gen=gen, scale=C ** -0.5),
-        randn(HID, dtype=dtype, device=device, gen=gen, scale=0.1),
-        randn(1, HID, dtype=dtype, device=device, gen=gen, scale=HID ** -0.5 * 2),
+        randn(hidden, channels, dtype=dtype, device=device, gen=gen, scale=channels ** -0.5),
+        randn(hidden, dtype=dtype, device=device, gen=gen, scale=0.1),
+        randn(1, hidden, dtype=dtype, device=device, gen=gen, scale=hidden ** -0.5 * 2),
         randn(1, dtype=dtype, device=device, gen=gen),
     ]
     grid_hw = torch.tensor(grids, dtype=torch.int64)
@@ -50,27 +50,38 @@ def _tolerance(dtype, device):
     return TF32_TOLERANCE if dtype == torch.float32 and device == "cuda" else TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_kernel_matches_reference(triton_backend, kernel_dtype, device, case):
-    grids, r = CASES[case]
-    x, grid_hw, params = _inputs(grids, kernel_dtype, device, stride_pad=8 if case == "pack-w3" else 0)
+def _check_against_reference(grids, r, dtype, device, **shape):
+    """Output and every gradient of the kernels (dtype) against the float64 reference."""
+    x, grid_hw, params = _inputs(grids, dtype, device, **shape)
     inputs = [x.requires_grad_(), *(p.requires_grad_() for p in params)]
     out = fastvl.spatial_attention_pool(inputs[0], grid_hw, *inputs[1:], window=r)
-    assert out.shape == (sum(_windows(h, w, r) for h, w in grids), C)
-    grad = randn(*out.shape, dtype=kernel_dtype, device=device, gen=generator(1))
+    assert out.shape == (sum(_windows(h, w, r) for h, w in grids), x.shape[1])
+    grad = randn(*out.shape, dtype=dtype, device=device, gen=generator(1))
     out.backward(grad)
 
     exact = [t.detach().double().requires_grad_() for t in inputs]
     with fastvl.use_backend("reference"):
         ref = fastvl.spatial_attention_pool(exact[0], grid_hw, *exact[1:], window=r)
     ref.backward(grad.double())
-    tol = _tolerance(kernel_dtype, device)
+    tol = _tolerance(dtype, device)
     assert_close(out, ref, tol=tol)
     for name, got, want in zip(("dx", "dw1", "db1", "dw2"), inputs, exact):
         assert_close(got.grad, want.grad, tol=tol, name=name)
     # b2 shifts all scores of a window alike: its gradient is exactly 0 here and ~0 in the reference
     assert torch.equal(inputs[4].grad, torch.zeros_like(inputs[4]))
     assert exact[4].grad.abs().item() < 1e-12 * ref.abs().sum().item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_reference(triton_backend, kernel_dtype, device, case):
+    grids, r = CASES[case]
+    _check_against_reference(grids, r, kernel_dtype, device, stride_pad=8 if case == "pack-w3" else 0)
+
+
+@pytest.mark.gpu
+def test_flashsloth_hd_shapes(triton_backend, device):
+    """FlashSloth-HD at full width: 5 crops of 27x27, C = Hid = 1152, bf16, the autotuned GEMM tiles."""
+    _check_against_reference([(27, 27)] * 5, 3, torch.bfloat16, device, channels=1152, hidden=1152)
 
 
 def test_frozen_features(triton_backend, device):
