@@ -87,7 +87,8 @@ def test_strided_x(triton_backend, kernel_dtype, device):
 
 def test_saved_activations(triton_backend, device):
     """The kernel keeps (mean, rstd), fc1's pre-activation and GELU output only when asked to."""
-    x, ln_w, ln_b, w1, b1, w2, b2 = (p.detach() for p in _inputs(4 * 5, 8, 16, 6, 2, "layernorm", torch.float32, device))
+    params = _inputs(4 * 5, 8, 16, 6, 2, "layernorm", torch.float32, device)
+    x, ln_w, ln_b, w1, b1, w2, b2 = (p.detach() for p in params)
     out, stats, pre, act = torch.ops.fastvl.patch_merge(x, ln_w, ln_b, w1, b1, w2, b2, 2, 1e-6, "layernorm", True)
     assert (stats.shape, stats.dtype, pre.shape, act.shape) == ((2, 20), torch.float32, (5, 16), (5, 16))
     assert_close(stats[0], x.double().mean(1), torch.float32)

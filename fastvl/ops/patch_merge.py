@@ -50,7 +50,8 @@ def _reference(x, ln_w, ln_b, w1, b1, w2, b2, m, eps, norm):
 
 
 def _saves(x, save):
-    """Whether the forward keeps the kernel's activations: (mean, rstd) [2, T] fp32, fc1's pre-GELU and GELU outputs."""
+    """Whether the forward keeps the kernel's activations: (mean, rstd) [2, T] fp32, fc1's pre-GELU output z
+    and GELU(z) [T / m^2, Hid]."""
     return save and kernel_module("patch_merge", x) is not None
 
 
@@ -72,7 +73,8 @@ def _(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm, save):
     rows, hidden = x.shape[0] // (merge_size * merge_size), w1.shape[0]
     out = x.new_empty(rows, w2.shape[0])
     if _saves(x, save):
-        return out, x.new_empty(2, x.shape[0], dtype=torch.float32), x.new_empty(rows, hidden), x.new_empty(rows, hidden)
+        stats = x.new_empty(2, x.shape[0], dtype=torch.float32)
+        return out, stats, x.new_empty(rows, hidden), x.new_empty(rows, hidden)
     return out, x.new_empty(0, dtype=torch.float32), x.new_empty(0), x.new_empty(0)
 
 
