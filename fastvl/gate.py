@@ -45,7 +45,10 @@ def compile_one(gated, spec, constexprs, options, cap):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=gated.jit_fn, signature=spec.signature, constexprs={**spec.constexprs, **constexprs})
+    names = list(spec.signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in spec.signature.items()
+             if t.startswith("*") or n in spec.aligned}
+    src = ASTSource(fn=gated.jit_fn, signature=spec.signature, constexprs={**spec.constexprs, **constexprs}, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={**spec.options, **options})
     ptx = kernel.asm["ptx"]
     regs, spills, stack = _resources(ptx, cap)

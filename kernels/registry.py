@@ -21,6 +21,9 @@ class Spec:
     signature: dict
     constexprs: dict
     options: dict = field(default_factory=dict)  # num_warps / num_stages when not autotuned
+    # integer arguments compiled as multiples of 16, as Triton specialises them at launch; pointers
+    # always are (torch allocations are aligned), so the gate sees the vectorised loads real launches get
+    aligned: tuple = ()
 
 
 @dataclass
