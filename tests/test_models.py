@@ -463,3 +463,28 @@ def test_vision_weight_errors(tmp_path):
     with pytest.raises(ValueError, match="llama"):
         vision_config_from_hf(tmp_path)
     FastVLVisionConfig.siglip_so400m()  # preset is valid
+
+
+@pytest.mark.parametrize("vision, kwargs", [
+    (dict(depth=2, embed_dim=64, num_heads=1, intermediate_size=96),
+     dict(compressor="deepstack", deepstack_vit_layers=[1])),
+    (dict(depth=2, embed_dim=64, num_heads=1, intermediate_size=96, tower="fixed", image_size=6 * 14),
+     dict(compressor="sap")),
+], ids=["native-deepstack", "fixed-sap"])
+def test_model_on_triton_kernels_matches_reference(vision, kwargs, triton_backend):
+    """The whole model with every op on its kernel (the interpreter on CPU): logits and vision gradients."""
+    model = tiny_model(vision, **kwargs)
+    pv, grid = pixels(model, grids=[[1, 4, 6], [1, 2, 2]], images=2)
+    counts = model.num_image_tokens(pv if grid is None else grid)
+    ids, mask = prompt(counts, per_sample=[1, 1])
+    results = []
+    for backend in ("reference", "triton"):
+        model.zero_grad()
+        with fastvl.use_backend(backend):
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid, labels=ids)
+            out.loss.backward()
+        results.append((out.logits, {n: p.grad for n, p in model.named_parameters() if n.startswith("vision_tower")}))
+    (ref, ref_grads), (got, got_grads) = results
+    assert_close(got, ref, tol=1e-4)
+    for name, grad in ref_grads.items():
+        assert_close(got_grads[name], grad, tol=1e-4, name=name)

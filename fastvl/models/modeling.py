@@ -5,7 +5,7 @@ from transformers import initialization as init
 
 from .. import ops
 from ..nn import DeepStack
-from ..nn.modules import _replace_hidden
+from ..nn.modules import replace_hidden
 from .compressor import build_compressor
 from .configuration import FastVLConfig
 from .embq import EmbQ
@@ -208,7 +208,7 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
     def _embq_hook(self, module, args, kwargs):
         if self._embq_state is None:
             return None
-        return _replace_hidden(args, kwargs, self._apply_embq)
+        return replace_hidden(args, kwargs, self._apply_embq)
 
     def _apply_embq(self, hidden):
         flat = hidden.reshape(-1, hidden.shape[-1])

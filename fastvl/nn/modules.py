@@ -123,12 +123,12 @@ class DeepStack:
             group = layer_idx - self.start
             if not 0 <= group < stacked.shape[0]:
                 return None
-            return _replace_hidden(args, kwargs, lambda h: ops.deepstack_add(h, index, stacked[group].to(h.dtype)))
+            return replace_hidden(args, kwargs, lambda h: ops.deepstack_add(h, index, stacked[group].to(h.dtype)))
 
         return hook
 
 
-def _replace_hidden(args, kwargs, fn):
+def replace_hidden(args, kwargs, fn):
     """(args, kwargs) of a decoder-layer call with its hidden states (first argument) replaced by fn(them)."""
     if args:
         return (fn(args[0]), *args[1:]), kwargs
