@@ -7,7 +7,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 import fastvl
-from fastvl import ops
 from fastvl.cli import main as cli
 from fastvl.models import FastVLConfig, FastVLForConditionalGeneration, FastVLVisionConfig
 from fastvl.models import load_vision_weights, vision_config_from_hf
@@ -53,27 +52,6 @@ def prompt(counts, per_sample=None, query=0):
         [[0] * (width - len(r)) + [1] * len(r) for r in rows])
 
 
-def deepstack_groups_standin(x, grid_thw, order="spatial"):
-    """[4, N/4, C]: for each 2x2 block of merged cells (frames in order, blocks row-major), its four cells."""
-    groups, start = [], 0
-    for t, h, w in grid_thw.tolist():
-        n = t * (h // 2) * (w // 2)
-        cells = x[start:start + n]
-        if order == "spatial":
-            g = cells.view(t, h // 4, 2, w // 4, 2, -1).permute(2, 4, 0, 1, 3, 5).reshape(4, n // 4, -1)
-        else:  # SliMM's released order: four consecutive raster cells
-            g = cells.view(n // 4, 4, -1).transpose(0, 1)
-        groups.append(g)
-        start += n
-    return torch.cat(groups, dim=1)
-
-
-@pytest.fixture
-def deepstack_groups(monkeypatch):
-    if not hasattr(ops, "deepstack_groups"):
-        monkeypatch.setattr(ops, "deepstack_groups", deepstack_groups_standin, raising=False)
-
-
 CASES = {
     "none": (dict(compressor="none"), lambda t, h, w: t * h * w, 0),
     "patch_merge": (dict(compressor="patch_merge"), lambda t, h, w: t * h * w // 4, 0),
@@ -84,7 +62,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_native_compressor_token_counts_and_shapes(case, deepstack_groups):
+def test_native_compressor_token_counts_and_shapes(case):
     kwargs, per_grid, groups = CASES[case]
     model = tiny_model(**kwargs)
     pv, grid = pixels(model)
@@ -119,7 +97,7 @@ def test_fixed_tower_token_counts(compressor, hd):
         model.encode_images(torch.zeros(2, 3, 64, 64))
 
 
-def test_image_token_mismatch_and_bad_grids(deepstack_groups):
+def test_image_token_mismatch_and_bad_grids():
     model = tiny_model()
     pv, grid = pixels(model)
     ids, _ = prompt([n - 1 if i == 0 else n for i, n in enumerate(model.num_image_tokens(grid))])
@@ -169,7 +147,7 @@ def test_midlayer_taps_and_their_mergers():
 
 
 @pytest.mark.parametrize("order", ["spatial", "slimm"])
-def test_efficient_main_tokens_and_groups(order, deepstack_groups):
+def test_efficient_main_tokens_and_groups(order):
     model = tiny_model(compressor="deepstack", deepstack_type="efficient", deepstack_order=order)
     grids = [[1, 4, 8], [1, 8, 4]]
     pv, grid = pixels(model, grids=grids)
@@ -181,11 +159,15 @@ def test_efficient_main_tokens_and_groups(order, deepstack_groups):
     key = [image, r // 4, c // 4, r // 2 % 2, c // 2 % 2, r % 2, c % 2]
     order_idx = torch.tensor(sorted(range(64), key=lambda i: [k[i].item() for k in key]))
     assert_close(main, model.compressor.merger_deepstack(vit[order_idx]))
-    assert_close(stacked, ops.deepstack_groups(model.compressor.merger(vit), grid, order=order))
+    merged = model.compressor.merger(vit)  # one token per 2x2 window, raster order per image
+    assert stacked.shape == (4, 4, TEXT["hidden_size"])
     if order == "spatial":  # group k of main token j: window k (row-major) of its cell
-        merged = model.compressor.merger(vit)[:8].view(1, 2, 2, 2, -1)  # image 0: 2x4 windows -> (cr, wr, cc, wc)
-        assert_close(stacked[1, 1], merged[0, 0, 1, 1])  # cell (0, 1), window (0, 1)
-        assert_close(stacked[2, 0], merged[0, 1, 0, 0])  # cell (0, 0), window (1, 0)
+        image0 = merged[:8].view(1, 2, 2, 2, -1)  # 2x4 windows -> (cell row, window row, cell col, window col)
+        assert_close(stacked[1, 1], image0[0, 0, 1, 1])  # cell (0, 1), window (0, 1)
+        assert_close(stacked[2, 0], image0[0, 1, 0, 0])  # cell (0, 0), window (1, 0)
+        assert_close(stacked[3, 3], merged[8:].view(4, 2, -1)[3, 1])  # image 1 (4x2 windows), cell (1, 0)
+    else:  # SliMM's released order: main token j gets windows 4j..4j+3
+        assert_close(stacked.transpose(0, 1).reshape(16, -1), merged)
 
 
 def _layer_io(model):
@@ -199,7 +181,7 @@ def _layer_io(model):
     return seen
 
 
-def test_deepstack_adds_at_layers_start_to_start_plus_3(deepstack_groups):
+def test_deepstack_adds_at_layers_start_to_start_plus_3():
     model = tiny_model(compressor="deepstack")
     pv, grid = pixels(model)
     counts = model.num_image_tokens(grid)
@@ -219,7 +201,7 @@ def test_deepstack_adds_at_layers_start_to_start_plus_3(deepstack_groups):
         assert torch.equal(seen[("out", i - 1)], seen[("in", i)])
 
 
-def test_activation_checkpointing_gives_the_same_gradients(deepstack_groups):
+def test_activation_checkpointing_gives_the_same_gradients():
     """Checkpointed ViT blocks and LLM layers recompute with the DeepStack groups still armed."""
     grads = []
     for checkpointing in (False, True):
@@ -302,7 +284,7 @@ def test_embq_attention_matches_naive_heads():
     assert_close(embq(hq, ht, img), embq.up_projector(o))
 
 
-def test_save_load_round_trip(tmp_path, deepstack_groups):
+def test_save_load_round_trip(tmp_path):
     model = embq_model()
     pv, grid = pixels(model)
     ids, mask = prompt(model.num_image_tokens(grid), query=3)
@@ -316,7 +298,7 @@ def test_save_load_round_trip(tmp_path, deepstack_groups):
         assert torch.equal(out, ref)
 
 
-def test_generate_with_kv_cache_matches_full_forward(deepstack_groups):
+def test_generate_with_kv_cache_matches_full_forward():
     model = tiny_model(compressor="deepstack", deepstack_type="efficient")
     pv, grid = pixels(model, grids=[[1, 4, 8], [1, 8, 8]])
     ids, mask = prompt(model.num_image_tokens(grid), per_sample=[1, 1])

@@ -9,7 +9,7 @@ from ..nn.modules import replace_hidden
 from .compressor import build_compressor
 from .configuration import FastVLConfig
 from .embq import EmbQ
-from .vision import VisionBlock, build_vision_tower
+from .vision import build_vision_tower
 
 
 class FastVLPreTrainedModel(PreTrainedModel):
