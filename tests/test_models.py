@@ -253,6 +253,15 @@ def test_embq_changes_only_query_positions_and_only_at_prefill():
     assert not calls
 
 
+def test_embq_rejects_image_tokens_split_across_samples():
+    model = embq_model()
+    pv, grid = pixels(model)
+    a, b, c = model.num_image_tokens(grid)
+    ids, mask = prompt([a + 1, b - 1, c], per_sample=[1, 2], query=3)
+    with pytest.raises(ValueError, match="inside an image"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid)
+
+
 def test_embq_question_spans():
     model = embq_model()
     ids = torch.tensor([[PAD, 5, IMAGE, IMAGE, 7, 8, QUERY, QUERY, QUERY, 9, 10, 11, QUERY, QUERY, QUERY, 12]])

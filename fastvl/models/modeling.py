@@ -153,11 +153,13 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
         vit_chunks = iter(vit_tokens.split(vit_per_image))
         counts = iter(llm_per_image)
         images = []
-        for need in per_sample:
+        for b, need in enumerate(per_sample):
             chunks = []
             while need > 0:
                 need -= next(counts)
                 chunks.append(next(vit_chunks))
+            if need:
+                raise ValueError(f"input_ids: the image tokens of sample {b} end inside an image")
             images.append(torch.cat(chunks) if chunks else None)
         return embeds, images
 
