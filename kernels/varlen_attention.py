@@ -31,6 +31,7 @@ from .registry import Spec, gated, signature
 
 HEAD_DIMS = (64, 72, 80, 96, 128)
 LOG2E = math.log2(math.e)
+DELTA_BLOCK = 64  # tokens per program of the delta pass
 
 
 def _tiles(head_dim):
@@ -192,7 +193,7 @@ def _fwd_specs(fn):
 
 @gated(_fwd_specs, tensor_cores="wgmma")
 @triton.autotune(
-    _configs([({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3)], {"BLOCK_M": 32, "BLOCK_N": 16}),
+    _configs([({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 2)], {"BLOCK_M": 32, "BLOCK_N": 16}),
     key=["HEAD_DIM", "CAUSAL", "ROPE"],
 )
 @triton.jit
@@ -260,8 +261,8 @@ def _bwd_specs(fn):
 
 def _delta_specs(fn):
     return [
-        Spec(f"{dt} D={d}", signature(fn, dt, delta_ptr="*fp32"), {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1]},
-             {"num_warps": 4})
+        Spec(f"{dt} D={d}", signature(fn, dt, delta_ptr="*fp32"),
+             {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1], "BLOCK_T": DELTA_BLOCK}, {"num_warps": 4})
         for dt in ("fp16", "bf16") for d in (72, 128)
     ]
 
@@ -292,29 +293,31 @@ def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, 
                 cols, lq, causal_shift, stride_qt, stride_dot, stride_pt, stride_pc, qk_scale, log2_theta, start, end,
                 HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, ROPE: tl.constexpr,
                 MASK: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Accumulate dk/dv of one k block over q blocks [start, end) of one query head (transposed
-    tiles: [keys, queries]). Padding rows past lq load q = dO = 0, lse = delta = 0 and add nothing."""
+    """Accumulate dk/dv of one k block over q blocks [start, end) of one query head. k and v are the
+    second dot operands (shared memory, not registers); the small [queries, keys] tiles p and ds are
+    transposed for the dk/dv dots. Padding rows past lq load q = dO = 0, lse = delta = 0: they add nothing."""
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < lq
         q = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
-        s_t = tl.dot(ka, tl.trans(q))
+        s = tl.dot(q, tl.trans(ka))
         if WB > 0:
             qb = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
-            s_t = tl.dot(kb, tl.trans(qb), s_t)
+            s = tl.dot(qb, tl.trans(kb), s)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * 1.4426950408889634
-        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASK:  # causal diagonal; also drops rows without a visible key (lse = -inf)
-            p_t = tl.where(cols[:, None] <= rows[None, :] + causal_shift, p_t, 0.0)
+            p = tl.where(cols[None, :] <= rows[:, None] + causal_shift, p, 0.0)
         do = _load_tile(do_ptr, rows, row_mask, stride_dot, 0, WA, HEAD_DIM)
-        dp_t = tl.dot(va, tl.trans(do))
-        dv_a = tl.dot(p_t.to(do.dtype), do, dv_a)
+        dp = tl.dot(do, tl.trans(va))
+        p_t = tl.trans(p.to(do.dtype))
+        dv_a = tl.dot(p_t, do, dv_a)
         if WB > 0:
             do = _load_tile(do_ptr, rows, row_mask, stride_dot, WA, WB, HEAD_DIM)
-            dp_t = tl.dot(vb, tl.trans(do), dp_t)
-            dv_b = tl.dot(p_t.to(do.dtype), do, dv_b)
+            dp = tl.dot(do, tl.trans(vb), dp)
+            dv_b = tl.dot(p_t, do, dv_b)
         delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        ds_t = tl.trans((p * (dp - delta[:, None])).to(q.dtype))
         dk_a = tl.dot(ds_t, q, dk_a)
         if WB > 0:
             dk_b = tl.dot(ds_t, qb, dk_b)
@@ -423,7 +426,7 @@ def _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_ptr,
 
 @gated(_bwd_specs, tensor_cores="wgmma")
 @triton.autotune(
-    _configs([({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2)], {"BLOCK_M": 32, "BLOCK_N": 16}),
+    _configs([({"BLOCK_M": 64, "BLOCK_N": 16}, 8, 1)], {"BLOCK_M": 32, "BLOCK_N": 16}),
     key=["HEAD_DIM", "CAUSAL", "ROPE"],
 )
 @triton.jit
@@ -519,10 +522,9 @@ def backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scal
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     delta = torch.empty(heads, tq, dtype=torch.float32, device=q.device)
     if tq:
-        block_t = 64
-        _attn_bwd_delta[(triton.cdiv(tq, block_t), heads)](
+        _attn_bwd_delta[(triton.cdiv(tq, DELTA_BLOCK), heads)](
             out, grad_out, delta, *out.stride()[:2], *grad_out.stride()[:2], tq,
-            HEAD_DIM=dim, WA=consts["WA"], WB=consts["WB"], BLOCK_T=block_t,
+            HEAD_DIM=dim, WA=consts["WA"], WB=consts["WB"], BLOCK_T=DELTA_BLOCK,
         )
     common = (*pos_strides, tq)
     if max_k:
