@@ -16,8 +16,13 @@ Cost notes behind the layout:
   care how the head dim is ordered, only that q and k agree). The rotation then needs no data
   movement between tiles, one cos/sin per pair (not per element), and the backward un-rotates dq and
   dk in registers before storing them. Nothing rotated is ever written to memory.
-- The rotation of a k tile is recomputed by every q block that reads it (D/2 sincos per key row),
-  small next to the 4*BLOCK_M*D flops per key row of the two dots.
+- The rotation of a k tile is recomputed by every q block that reads it: D/2 cos/sin pairs per key
+  row, ~25 fp32 operations each (pi/2 reduction + polynomials, see _cos_sin), on the same CUDA cores
+  as the softmax, against 4*BLOCK_M*D tensor-core flops per key row. Cheaper than writing and
+  re-reading a rotated copy, not free: it is the first thing to look at in a profile with RoPE on.
+- Register pressure sets the block sizes (the gate rejects spills): dk/dv keep two fp32 [BLOCK_N, D]
+  accumulators live through the whole loop, so k and v enter the dots as shared-memory operands and
+  the q blocks of that loop are small.
 """
 import math
 
