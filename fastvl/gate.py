@@ -81,6 +81,8 @@ def run(pattern: str | None = None, out=sys.stdout) -> int:
         for spec in gated.specs(gated.jit_fn):
             for label, constexprs, options in gated.configs:
                 for cap in ARCHS:
+                    if constexprs.get("ARCH", cap) != cap:
+                        continue  # a config for the other architecture family
                     rows += 1
                     try:
                         row = compile_one(gated, spec, constexprs, options, cap)

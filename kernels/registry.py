@@ -7,6 +7,10 @@
 
 Pointer arguments are named ``*_ptr``; other non-constexpr arguments are i32 unless the
 signature says otherwise (``signature(fn, "bf16", scale="fp32")``).
+
+An autotune config whose kwargs hold ``ARCH`` (80 or 90; the kernel takes it as a constexpr and may
+choose its layout by it) belongs to that architecture family only: ``prune_by_arch`` drops the
+others at launch, and the gate compiles it for that architecture only.
 """
 from dataclasses import dataclass, field
 
@@ -56,6 +60,20 @@ class Gated:
                 found.append((label, dict(cfg.kwargs), {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
             fn = fn.fn
         return found or [("default", {}, {})]
+
+
+def arch_family(major: int) -> int:
+    """The ARCH value of configs meant for a device of compute capability ``major``.x."""
+    return 90 if major >= 9 else 80
+
+
+def prune_by_arch(configs, named_args, **kwargs):
+    """``early_config_prune`` for @triton.autotune: keep the configs of the current device's family."""
+    import torch
+
+    family = arch_family(torch.cuda.get_device_capability()[0]) if torch.cuda.is_available() else None
+    kept = [c for c in configs if c.kwargs.get("ARCH", family) == family]
+    return kept or configs
 
 
 def gated(specs, tensor_cores=None):

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from fastvl.kernels.registry import Spec, gated
+from fastvl.kernels.registry import Spec, gated, prune_by_arch
 
 SCRIPT = textwrap.dedent('''
     import sys
@@ -23,9 +23,10 @@ SCRIPT = textwrap.dedent('''
         return [Spec("fp16", signature(fn, "fp16"), {})]
 
     @gated(specs, tensor_cores="wgmma")
-    @triton.autotune([triton.Config({"BLOCK": 64}, num_warps=4), triton.Config({"BLOCK": 16}, num_warps=1)], key=[])
+    @triton.autotune([triton.Config({"BLOCK": 64}, num_warps=4), triton.Config({"BLOCK": 16}, num_warps=1),
+                      triton.Config({"BLOCK": 32, "ARCH": 80}, num_warps=4)], key=[])
     @triton.jit
-    def toy_dot(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    def toy_dot(x_ptr, y_ptr, n, BLOCK: tl.constexpr, ARCH: tl.constexpr = 0):
         o = tl.arange(0, BLOCK)
         a = tl.load(x_ptr + o[:, None] * BLOCK + o[None, :])
         tl.store(y_ptr + o[:, None] * BLOCK + o[None, :], tl.dot(a, a).to(tl.float16))
@@ -35,7 +36,8 @@ SCRIPT = textwrap.dedent('''
     def toy_broken(x_ptr, BLOCK: tl.constexpr):
         tl.store(x_ptr + tl.arange(0, BLOCK), 1.0)  # 48 is no power of two: a compile error
 
-    assert signature(toy_dot.fn, "bf16", n="i64") == {"x_ptr": "*bf16", "y_ptr": "*bf16", "n": "i64", "BLOCK": "constexpr"}
+    assert signature(toy_dot.fn, "bf16", n="i64") == {
+        "x_ptr": "*bf16", "y_ptr": "*bf16", "n": "i64", "BLOCK": "constexpr", "ARCH": "constexpr"}
     sys.exit(gate.run(sys.argv[1]))
 ''')
 
@@ -54,8 +56,10 @@ def _rows(stdout, name):
 def test_gate_reports_every_config_and_arch(tmp_path):
     result = _gate(tmp_path, "^toy_dot$")
     rows = _rows(result.stdout, "toy_dot")
-    assert len(rows) == 4, result.stdout + result.stderr  # 2 configs x sm80, sm90
+    # 2 configs x sm80, sm90, and an ARCH=80 config compiled for sm80 only
+    assert len(rows) == 5, result.stdout + result.stderr
     by = {(r[2], r[3]): r for r in rows}
+    assert ("BLOCK=32,ARCH=80,w4,s3", "sm80") in by
     big, small = "BLOCK=64,w4,s3", "BLOCK=16,w1,s3"
     assert by[big, "sm80"][-2] == "mma" and by[big, "sm80"][-1] == "ok"
     assert by[big, "sm90"][-2] == "wgmma" and by[big, "sm90"][-1] == "ok"
@@ -63,7 +67,7 @@ def test_gate_reports_every_config_and_arch(tmp_path):
     assert by[small, "sm90"][-1] == "NO-WGMMA"
     assert int(by[big, "sm90"][4]) > 0  # registers reported
     assert result.returncode == 1
-    assert "4 compilations, 1 failures" in result.stdout
+    assert "5 compilations, 1 failures" in result.stdout
 
 
 def test_gate_fails_on_compile_error(tmp_path):
@@ -75,3 +79,12 @@ def test_gate_fails_on_compile_error(tmp_path):
 def test_registry_rejects_unknown_tensor_core_kind():
     with pytest.raises(ValueError, match="tensor_cores"):
         gated(lambda fn: [Spec("x", {}, {})], tensor_cores="tensor")
+
+
+def test_prune_by_arch_keeps_configs_of_the_device_family():
+    import triton
+
+    configs = [triton.Config({"B": 1, "ARCH": 80}), triton.Config({"B": 2, "ARCH": 90}), triton.Config({"B": 3})]
+    kept = prune_by_arch(configs, {})
+    # without CUDA only the configs for every architecture remain
+    assert [c.kwargs["B"] for c in kept] == [3]
