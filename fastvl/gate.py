@@ -81,8 +81,8 @@ def run(pattern: str | None = None, out=sys.stdout) -> int:
         for spec in gated.specs(gated.jit_fn):
             for label, constexprs, options in gated.configs:
                 for cap in ARCHS:
-                    if constexprs.get("ARCH", cap) != cap:
-                        continue  # a config for the other architecture family
+                    if cap not in spec.archs or constexprs.get("ARCH", cap) != cap:
+                        continue  # launched on the other architecture family only
                     rows += 1
                     try:
                         row = compile_one(gated, spec, constexprs, options, cap)

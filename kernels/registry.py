@@ -28,6 +28,7 @@ class Spec:
     # integer arguments compiled as multiples of 16, as Triton specialises them at launch; pointers
     # always are (torch allocations are aligned), so the gate sees the vectorised loads real launches get
     aligned: tuple = ()
+    archs: tuple = (80, 90)  # the architectures this specialisation is launched on
 
 
 @dataclass

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from fastvl._backend import interpreting
 
-from .registry import Spec, gated, signature
+from .registry import Spec, gated, prune_by_arch, signature
 
 HEAD_DIMS = (64, 72, 80, 96, 128)
 LOG2E = math.log2(math.e)
@@ -297,10 +297,11 @@ def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, stride_ot, stride_oh, stride_dot, 
 def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, delta_ptr, pos_ptr,
                 cols, lq, causal_shift, stride_qt, stride_dot, stride_pt, stride_pc, qk_scale, log2_theta, start, end,
                 HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, ROPE: tl.constexpr,
-                MASK: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Accumulate dk/dv of one k block over q blocks [start, end) of one query head. k and v are the
-    second dot operands (shared memory, not registers); the small [queries, keys] tiles p and ds are
-    transposed for the dk/dv dots. Padding rows past lq load q = dO = 0, lse = delta = 0: they add nothing."""
+                MASK: tl.constexpr, BLOCK_M: tl.constexpr, PART: tl.constexpr):
+    """Accumulate dk/dv (PART 0), dv only (1) or dk only (2) of one k block over q blocks [start, end)
+    of one query head. k and v are the second dot operands (shared memory, not registers); the small
+    [queries, keys] tiles p and ds are transposed for the dk/dv dots. Padding rows past lq load
+    q = dO = 0, lse = delta = 0: they add nothing."""
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < lq
@@ -314,25 +315,49 @@ def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, 
         if MASK:  # causal diagonal; also drops rows without a visible key (lse = -inf)
             p = tl.where(cols[None, :] <= rows[:, None] + causal_shift, p, 0.0)
         do = _load_tile(do_ptr, rows, row_mask, stride_dot, 0, WA, HEAD_DIM)
-        dp = tl.dot(do, tl.trans(va))
         p_t = tl.trans(p.to(do.dtype))
-        dv_a = tl.dot(p_t, do, dv_a)
+        if PART != 2:
+            dv_a = tl.dot(p_t, do, dv_a)
+        if PART != 1:
+            dp = tl.dot(do, tl.trans(va))
         if WB > 0:
             do = _load_tile(do_ptr, rows, row_mask, stride_dot, WA, WB, HEAD_DIM)
-            dp = tl.dot(do, tl.trans(vb), dp)
-            dv_b = tl.dot(p_t, do, dv_b)
-        delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
-        ds_t = tl.trans((p * (dp - delta[:, None])).to(q.dtype))
-        dk_a = tl.dot(ds_t, q, dk_a)
-        if WB > 0:
-            dk_b = tl.dot(ds_t, qb, dk_b)
+            if PART != 2:
+                dv_b = tl.dot(p_t, do, dv_b)
+            if PART != 1:
+                dp = tl.dot(do, tl.trans(vb), dp)
+        if PART != 1:
+            delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
+            ds_t = tl.trans((p * (dp - delta[:, None])).to(q.dtype))
+            dk_a = tl.dot(ds_t, q, dk_a)
+            if WB > 0:
+                dk_b = tl.dot(ds_t, qb, dk_b)
     return dk_a, dk_b, dv_a, dv_b
 
 
-@gated(_bwd_specs, tensor_cores="wgmma")
+# (PART, architectures): sm_90 accumulates dk and dv in one pass; on sm_80, whose mma keeps both dot
+# operands in registers, the pair spills with fused RoPE, so dv and dk run as two passes there
+DKDV_PARTS = ((0, (90,)), (1, (80,)), (2, (80,)))
+
+
+def _dkdv_parts(device):
+    """The PART values backward() launches on ``device``, in order."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return (1, 2)
+    return (0,)
+
+
+def _dkdv_specs(fn):
+    return [Spec(f"{spec.name} P{part}", spec.signature, {**spec.constexprs, "PART": part}, archs=archs)
+            for spec in _bwd_specs(fn) for part, archs in DKDV_PARTS]
+
+
+@gated(_dkdv_specs, tensor_cores="wgmma")
 @triton.autotune(
-    _configs([({"BLOCK_M": 16, "BLOCK_N": 64}, 8, 1)], {"BLOCK_M": 16, "BLOCK_N": 32}),
-    key=["HEAD_DIM", "CAUSAL", "ROPE"],
+    _configs([({"BLOCK_M": 16, "BLOCK_N": 64, "ARCH": 90}, 8, 1), ({"BLOCK_M": 16, "BLOCK_N": 32, "ARCH": 80}, 8, 1)],
+             {"BLOCK_M": 16, "BLOCK_N": 32}),
+    key=["HEAD_DIM", "CAUSAL", "ROPE", "PART"],
+    prune_configs_by={"early_config_prune": prune_by_arch},
 )
 @triton.jit
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr, pos_ptr,
@@ -340,8 +365,11 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_pt, stride_pc,
                    tokens_q, kv_heads, group, qk_scale, scale, log2_theta,
                    HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
-                   ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One block of BLOCK_N keys of one kv head; loops over the q blocks of the group's query heads."""
+                   ROPE: tl.constexpr, PART: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ARCH: tl.constexpr = 0):
+    """One block of BLOCK_N keys of one kv head; loops over the q blocks of the group's query heads.
+    PART: 0 computes dk and dv, 1 dv only, 2 dk only (see backward()). ARCH only tags the config with
+    the architecture family it is for (registry.prune_by_arch)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     seg, hk = pid_bh // kv_heads, pid_bh % kv_heads
     k_start = tl.load(cu_k_ptr + seg)
@@ -385,17 +413,21 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
         head = (q_ptr + h * stride_qh, do_ptr + h * stride_doh, lse_ptr + h * tokens_q, delta_ptr + h * tokens_q)
         dk_a, dk_b, dv_a, dv_b = _dkdv_tiles(
             dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, *head, pos_q, cols, lq, shift, stride_qt, stride_dot,
-            stride_pt, stride_pc, qk_scale, log2_theta, start, tl.minimum(full, lq), HEAD_DIM, WA, WB, ROPE, True, BLOCK_M)
+            stride_pt, stride_pc, qk_scale, log2_theta, start, tl.minimum(full, lq), HEAD_DIM, WA, WB, ROPE, True, BLOCK_M,
+            PART)
         dk_a, dk_b, dv_a, dv_b = _dkdv_tiles(
             dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, *head, pos_q, cols, lq, shift, stride_qt, stride_dot,
-            stride_pt, stride_pc, qk_scale, log2_theta, full, lq, HEAD_DIM, WA, WB, ROPE, False, BLOCK_M)
-    _store_qk_grad(dk_ptr, dk_a * scale, cols, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc, log2_theta,
-                   0, WA, HEAD_DIM, ROPE)
-    _store_tile(dv_ptr, dv_a, cols, col_mask, stride_dvt, 0, WA, HEAD_DIM)
-    if WB > 0:
-        _store_qk_grad(dk_ptr, dk_b * scale, cols, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc, log2_theta,
-                       WA, WB, HEAD_DIM, ROPE)
-        _store_tile(dv_ptr, dv_b, cols, col_mask, stride_dvt, WA, WB, HEAD_DIM)
+            stride_pt, stride_pc, qk_scale, log2_theta, full, lq, HEAD_DIM, WA, WB, ROPE, False, BLOCK_M, PART)
+    if PART != 1:
+        _store_qk_grad(dk_ptr, dk_a * scale, cols, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc, log2_theta,
+                       0, WA, HEAD_DIM, ROPE)
+        if WB > 0:
+            _store_qk_grad(dk_ptr, dk_b * scale, cols, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc,
+                           log2_theta, WA, WB, HEAD_DIM, ROPE)
+    if PART != 2:
+        _store_tile(dv_ptr, dv_a, cols, col_mask, stride_dvt, 0, WA, HEAD_DIM)
+        if WB > 0:
+            _store_tile(dv_ptr, dv_b, cols, col_mask, stride_dvt, WA, WB, HEAD_DIM)
 
 
 @triton.jit
@@ -534,11 +566,12 @@ def backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scal
     common = (*pos_strides, tq)
     if max_k:
         grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
-        _attn_bwd_dkdv[grid](
-            q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k, pos, *q.stride()[:2], *k.stride()[:2],
-            *v.stride()[:2], *grad_out.stride()[:2], *dk.stride()[:2], *dv.stride()[:2], *common, kv_heads,
-            heads // kv_heads, scale * LOG2E, scale, log2_theta, CAUSAL=causal, **consts,
-        )
+        for part in _dkdv_parts(q.device):
+            _attn_bwd_dkdv[grid](
+                q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k, pos, *q.stride()[:2], *k.stride()[:2],
+                *v.stride()[:2], *grad_out.stride()[:2], *dk.stride()[:2], *dv.stride()[:2], *common, kv_heads,
+                heads // kv_heads, scale * LOG2E, scale, log2_theta, CAUSAL=causal, PART=part, **consts,
+            )
     if max_q:
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
         _attn_bwd_dq[grid](

@@ -73,6 +73,15 @@ def test_rope_gqa_causal(triton_backend, device, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dk_dv_in_two_passes(triton_backend, device, monkeypatch, causal):
+    """The sm_80 backward: dv then dk in separate launches of the dk/dv kernel (GQA, RoPE)."""
+    from fastvl.kernels import varlen_attention as kernels
+
+    monkeypatch.setattr(kernels, "_dkdv_parts", lambda device: (1, 2))
+    _check(device, torch.float32, [9, 1, 26], heads=4, kv_heads=2, dim=72, causal=causal, rope=True, seed=6)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_cross_lengths(triton_backend, device, kernel_dtype, causal):
     """cu_seqlens_k != cu_seqlens_q: Lq > Lk (causal rows with no visible key), Lq < Lk, empty q or k segments."""
     _check(device, kernel_dtype, [20, 3, 0, 9, 33], lens_k=[6, 37, 5, 0, 33], heads=2, kv_heads=1, dim=72,
