@@ -28,16 +28,38 @@ def _specs(fn):
 
 
 @triton.jit
-def rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM: tl.constexpr):
+def rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM: tl.constexpr,
+                    DIRECTION: tl.constexpr):
     """fp32 cos/sin [len(tok), len(pair)] of the rotation of pairs (i, i + D/2), i in ``pair``, at the
-    tokens' (row, col) positions (int32 pos [T, 2] with strides): for any kernel that rotates q or k."""
+    tokens' (row, col) positions (int32 pos [T, 2] with strides); DIRECTION -1 for the inverse rotation.
+    Shared by every kernel that rotates q or k. (Inverse angles also keep the compiler from sharing one
+    cos/sin tile between a load and the store of its gradient, which would hold it in registers through
+    the whole loop.)"""
     QUARTER: tl.constexpr = HEAD_DIM // 4
     use_col = pair >= QUARTER
-    inv_freq = tl.exp2(tl.where(use_col, pair - QUARTER, pair).to(tl.float32) * (-4.0 / HEAD_DIM) * log2_theta)
+    freq = DIRECTION * tl.exp2(tl.where(use_col, pair - QUARTER, pair).to(tl.float32) * (-4.0 / HEAD_DIM) * log2_theta)
     row = tl.load(pos_ptr + tok * stride_pt, mask=tok_mask, other=0).to(tl.float32)
     col = tl.load(pos_ptr + tok * stride_pt + stride_pc, mask=tok_mask, other=0).to(tl.float32)
-    angle = tl.where(use_col[None, :], col[:, None], row[:, None]) * inv_freq[None, :]
-    return tl.cos(angle), tl.sin(angle)
+    angle = tl.where(use_col[None, :], col[:, None], row[:, None]) * freq[None, :]
+    return cos_sin(angle)
+
+
+@triton.jit
+def cos_sin(x):
+    """cos(x), sin(x) in fp32 arithmetic, ~1e-7 absolute for |x| up to thousands of radians: reduction by
+    pi/2 in three exact parts, then Taylor polynomials on [-pi/4, pi/4]. (tl.cos/tl.sin lower to libdevice,
+    whose huge-argument path needs a stack frame; the MUFU approximations lose accuracy past a few pi.)"""
+    quadrant = tl.floor(x * 0.6366197723675814 + 0.5)
+    r = x - quadrant * 1.5703125 - quadrant * 4.837512969970703125e-4 - quadrant * 7.54978995489188216e-8
+    r2 = r * r
+    sin_r = r + r * r2 * (-1.6666666666666666e-1 + r2 * (8.333333333333333e-3 + r2 * (-1.984126984126984e-4
+                                                                                    + r2 * 2.7557319223985893e-6)))
+    cos_r = 1.0 + r2 * (-0.5 + r2 * (4.1666666666666664e-2 + r2 * (-1.3888888888888889e-3 + r2 * 2.48015873015873e-5)))
+    k = quadrant - 4.0 * tl.floor(quadrant * 0.25)  # quadrant mod 4
+    odd = (k == 1.0) | (k == 3.0)
+    c = tl.where(odd, sin_r, cos_r)
+    s = tl.where(odd, cos_r, sin_r)
+    return tl.where((k == 1.0) | (k == 2.0), -c, c), tl.where(k >= 2.0, -s, s)
 
 
 @gated(_specs)
@@ -53,7 +75,7 @@ def _rope_2d_kernel(
     tok_ok = tok < T
     tok = tok.to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
-    cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_ok, stride_pt, stride_pc, i, log2_theta, HEAD_DIM)
+    cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_ok, stride_pt, stride_pc, i, log2_theta, HEAD_DIM, 1.0)
     sin = sin * sin_sign
     mask = tok_ok[:, None] & (i < HALF)[None, :]
 

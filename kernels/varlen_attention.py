@@ -17,7 +17,7 @@ Cost notes behind the layout:
   movement between tiles, one cos/sin per pair (not per element), and the backward un-rotates dq and
   dk in registers before storing them. Nothing rotated is ever written to memory.
 - The rotation of a k tile is recomputed by every q block that reads it: D/2 cos/sin pairs per key
-  row, ~25 fp32 operations each (pi/2 reduction + polynomials, see _cos_sin), on the same CUDA cores
+  row, ~25 fp32 operations each (pi/2 reduction + polynomials, see apply_rope_2d.cos_sin), on the same CUDA cores
   as the softmax, against 4*BLOCK_M*D tensor-core flops per key row. Cheaper than writing and
   re-reading a rotated copy, not free: it is the first thing to look at in a profile with RoPE on.
 - Register pressure sets the block sizes (the gate rejects spills): dk/dv keep two fp32 [BLOCK_N, D]
@@ -32,6 +32,7 @@ import triton.language as tl
 
 from fastvl._backend import interpreting
 
+from .apply_rope_2d import rope_2d_cos_sin
 from .registry import Spec, gated, prune_by_arch, signature
 
 HEAD_DIMS = (64, 72, 80, 96, 128)
@@ -54,39 +55,6 @@ def _configs(gpu, interpreter):
 
 
 # ------------------------------------------------------------------ tile loads and stores
-@triton.jit
-def _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM: tl.constexpr,
-                  DIRECTION: tl.constexpr):
-    """cos/sin [N, len(pair)] of the rotation of pairs (i, i + D/2) at the tokens' (row, col); DIRECTION -1
-    for the inverse rotation. (Inverse angles also keep the compiler from sharing one cos/sin tile between
-    a load and the store of its gradient, which would hold it in registers through the whole loop.)"""
-    QUARTER: tl.constexpr = HEAD_DIM // 4
-    use_col = pair >= QUARTER
-    freq = DIRECTION * tl.exp2(tl.where(use_col, pair - QUARTER, pair).to(tl.float32) * (-4.0 / HEAD_DIM) * log2_theta)
-    row = tl.load(pos_ptr + tok * stride_pt, mask=tok_mask, other=0).to(tl.float32)
-    col = tl.load(pos_ptr + tok * stride_pt + stride_pc, mask=tok_mask, other=0).to(tl.float32)
-    angle = tl.where(use_col[None, :], col[:, None], row[:, None]) * freq[None, :]
-    return _cos_sin(angle)
-
-
-@triton.jit
-def _cos_sin(x):
-    """cos(x), sin(x) in fp32 arithmetic, ~1e-7 absolute for |x| up to thousands of radians: reduction by
-    pi/2 in three exact parts, then Taylor polynomials on [-pi/4, pi/4]. (tl.cos/tl.sin lower to libdevice,
-    whose huge-argument path needs a stack frame; the MUFU approximations lose accuracy past a few pi.)"""
-    quadrant = tl.floor(x * 0.6366197723675814 + 0.5)
-    r = x - quadrant * 1.5703125 - quadrant * 4.837512969970703125e-4 - quadrant * 7.54978995489188216e-8
-    r2 = r * r
-    sin_r = r + r * r2 * (-1.6666666666666666e-1 + r2 * (8.333333333333333e-3 + r2 * (-1.984126984126984e-4
-                                                                                    + r2 * 2.7557319223985893e-6)))
-    cos_r = 1.0 + r2 * (-0.5 + r2 * (4.1666666666666664e-2 + r2 * (-1.3888888888888889e-3 + r2 * 2.48015873015873e-5)))
-    k = quadrant - 4.0 * tl.floor(quadrant * 0.25)  # quadrant mod 4
-    odd = (k == 1.0) | (k == 3.0)
-    c = tl.where(odd, sin_r, cos_r)
-    s = tl.where(odd, cos_r, sin_r)
-    return tl.where((k == 1.0) | (k == 2.0), -c, c), tl.where(k >= 2.0, -s, s)
-
-
 @triton.jit
 def _load_tile(ptr, tok, tok_mask, stride_t, START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Head dims START + [0, WIDTH) of the tokens' rows (zeros past the head dim or masked rows)."""
@@ -113,7 +81,7 @@ def _load_qk(ptr, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, log2_t
         lo_ptr = ptr + tok[:, None] * stride_t + pair[None, :]
         lo = tl.load(lo_ptr, mask=mask, other=0.0).to(tl.float32)
         hi = tl.load(lo_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        cos, sin = _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM, 1.0)
+        cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM, 1.0)
         x = tl.join(lo * cos - hi * sin, hi * cos + lo * sin)
         return tl.reshape(x, (tok.shape[0], WIDTH)).to(ptr.dtype.element_ty)
     else:
@@ -129,7 +97,7 @@ def _store_qk_grad(ptr, g, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_p
         pair = START // 2 + tl.arange(0, WIDTH // 2)
         mask = tok_mask[:, None] & (pair < HALF)[None, :]
         lo, hi = tl.split(tl.reshape(g, (tok.shape[0], WIDTH // 2, 2)))
-        cos, sin = _rope_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM, -1.0)
+        cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM, -1.0)
         lo_ptr = ptr + tok[:, None] * stride_t + pair[None, :]
         tl.store(lo_ptr, (lo * cos - hi * sin).to(ptr.dtype.element_ty), mask=mask)
         tl.store(lo_ptr + HALF, (hi * cos + lo * sin).to(ptr.dtype.element_ty), mask=mask)
