@@ -37,7 +37,9 @@ from fastvl.ops._dispatch import kernel_module
 from fastvl.reference.apply_rope_2d import rope_2d_angles
 from fastvl.testing import rel_err
 
-from .common import device_name, environment, peak_memory_mb, time_ms, write_json
+from .common import (
+    bar_plot, default_out, device_name, environment, measured, peak_memory_mb, slug, time_ms, write_json,
+)
 
 OP = "varlen_attention+rope_2d"
 THETA = 10000.0
@@ -287,10 +289,6 @@ def run(device, quick, only=None):
     return rows
 
 
-def measured(rows):
-    return [r for r in rows if "skipped" not in r]
-
-
 def _speedups(rows):
     by = {r["impl"]: r for r in rows}
     for r in rows:
@@ -323,41 +321,8 @@ def summary(rows):
 
 def plot(rows, path):
     """Grouped bars of forward and forward+backward TFLOP/s per case; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = measured(rows)
-    case_names = list(dict.fromkeys(r["case"] for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    width = 0.8 / len(impls)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(case_names)), 9), sharex=True)
-    for ax, key, title in ((axes[0], "tflops", "forward"), (axes[1], "tflops_fwd_bwd", "forward + backward")):
-        for i, impl in enumerate(impls):
-            values = [next((r[key] for r in rows if r["case"] == c and r["impl"] == impl), 0.0) for c in case_names]
-            ax.bar([x + i * width for x in range(len(case_names))], values, width, label=impl)
-        ax.set_ylabel("TFLOP/s")
-        ax.set_title(f"{OP}, {title} ({rows[0]['device']}, {rows[0]['dtype']})")
-    axes[1].set_xticks([x + 0.4 - width / 2 for x in range(len(case_names))])
-    axes[1].set_xticklabels([c.replace(", ", "\n") for c in case_names], fontsize=7)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def _slug(text):
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-
-
-def default_out(device):
-    """bench/results/<device>/, e.g. bench/results/nvidia-h100-80gb-hbm3/."""
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", _slug(name))
+    panels = (("tflops", "forward"), ("tflops_fwd_bwd", "forward + backward"))
+    return bar_plot(measured(rows), path, panels, "TFLOP/s", OP)
 
 
 def main(argv=None):
@@ -380,7 +345,7 @@ def main(argv=None):
         if "skipped" in r:
             print(f"skipped {r['impl']} ({r['case']}): {r['skipped']}")
     out = args.out or default_out(device)
-    stem = "attention" + (f"-{_slug(args.case)}" if args.case else "")  # partial runs do not overwrite each other
+    stem = "attention" + (f"-{slug(args.case)}" if args.case else "")  # partial runs do not overwrite each other
     keys = ("model", "pack", "heads", "head_dim", "grids", "tokens", "dtype")
     shapes = list({r["case"]: {k: r[k] for k in keys} for r in measured(rows)}.values())
     write_json(os.path.join(out, f"{stem}.json"),

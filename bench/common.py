@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -69,3 +70,48 @@ def write_json(path, payload):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+
+
+def measured(rows):
+    """The rows of implementations that ran (skipped ones carry a ``skipped`` reason)."""
+    return [r for r in rows if "skipped" not in r]
+
+
+def bar_plot(rows, path, panels, ylabel, title, log=False):
+    """Grouped bars per case and implementation, one panel per (row key, panel title); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    width = 0.8 / len(impls)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.7 * len(cases)), 4.5 * len(panels)), sharex=True)
+    for ax, (key, panel) in zip(axes, panels):
+        for i, impl in enumerate(impls):
+            values = [next((r[key] for r in rows if r["case"] == c and r["impl"] == impl), 0.0) for c in cases]
+            ax.bar([x + i * width for x in range(len(cases))], values, width, label=impl)
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}, {panel} ({rows[0]['device']}, {rows[0]['dtype']})")
+    axes[-1].set_xticks([x + 0.4 - width / 2 for x in range(len(cases))])
+    axes[-1].set_xticklabels([c.replace(", ", "\n") for c in cases], fontsize=7)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def default_out(device):
+    """bench/results/<device>/, e.g. bench/results/nvidia-h100-80gb-hbm3/."""
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", slug(name))

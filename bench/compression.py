@@ -23,7 +23,6 @@ scaled-down shapes, and every case name says ``[cpu]``. ``python -m fastvl.bench
 """
 import argparse
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 
@@ -35,7 +34,9 @@ from torch.func import functional_call
 import fastvl
 from fastvl.testing import rel_err
 
-from .common import device_name, environment, peak_memory_mb, time_ms, write_json
+from .common import (
+    bar_plot, default_out, device_name, environment, measured, peak_memory_mb, time_ms, write_json,
+)
 
 SUITE = "compression"
 BASELINES = ("torch-module", "torch-index-put")  # ``speedup`` is against the one a case has
@@ -313,45 +314,10 @@ def run(device, quick):
     return rows
 
 
-def measured(rows):
-    return [r for r in rows if "skipped" not in r]
-
-
 def plot(rows, path):
     """Forward and forward+backward latency per case and implementation (log scale); False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = [r for r in measured(rows) if "fwd_bwd_ms" in r]
-    names = list(dict.fromkeys(r["case"] for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    width = 0.8 / len(impls)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.8 * len(names)), 9), sharex=True)
-    for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwd_bwd_ms", "forward + backward")):
-        for i, impl in enumerate(impls):
-            values = [next((r[key] for r in rows if r["case"] == c and r["impl"] == impl), 0.0) for c in names]
-            ax.bar([x + i * width for x in range(len(names))], values, width, label=impl)
-        ax.set_yscale("log")
-        ax.set_ylabel("ms")
-        ax.set_title(f"token compression, {title} ({rows[0]['device']}, {rows[0]['dtype']})")
-    axes[1].set_xticks([x + 0.4 - width / 2 for x in range(len(names))])
-    axes[1].set_xticklabels([c.replace(", ", "\n") for c in names], fontsize=7)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def default_out(device):
-    """bench/results/<device>/, e.g. bench/results/nvidia-h100-80gb-hbm3/."""
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", slug)
+    panels = (("fwd_ms", "forward"), ("fwd_bwd_ms", "forward + backward"))
+    return bar_plot([r for r in measured(rows) if "fwd_bwd_ms" in r], path, panels, "ms", "token compression", log=True)
 
 
 def main(argv=None):
