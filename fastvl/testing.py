@@ -45,3 +45,18 @@ def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
 def random_lengths(gen, count, low=1, high=300):
     """``count`` random segment lengths in [low, high]."""
     return torch.randint(low, high + 1, (count,), generator=gen).tolist()
+
+
+def sap_window_loop(x, grids, w1, b1, w2, b2, window):
+    """FlashSloth's SAP by its definition, one window at a time (an oracle independent of the reference):
+    slice each window x window block of each (h, w) image, softmax its MLP scores, weight its raw rows."""
+    outs, start = [], 0
+    for h, w in grids:
+        image = x[start:start + h * w].reshape(h, w, -1)
+        start += h * w
+        for r in range(0, h, window):
+            for c in range(0, w, window):
+                tokens = image[r:r + window, c:c + window].reshape(-1, x.shape[1])
+                scores = (torch.relu(tokens @ w1.T + b1) @ w2.T + b2).squeeze(-1)
+                outs.append(torch.softmax(scores, dim=0) @ tokens)
+    return torch.stack(outs)

@@ -16,7 +16,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 
 import fastvl
 from fastvl import reference
-from fastvl.testing import assert_close, cu_seqlens, generator, randn
+from fastvl.testing import assert_close, cu_seqlens, generator, randn, sap_window_loop
 
 F64 = torch.float64
 HF_FP32_TOL = 1e-6
@@ -237,20 +237,6 @@ def test_varlen_attention_keyless_rows_are_zero_without_nan():
 # ---------------------------------------------------------------- spatial attention pooling vs a window loop
 
 
-def sap_loop(x, grid_hw, w1, b1, w2, b2, window):
-    """FlashSloth's SAP, one window at a time: slice, score MLP, softmax, weighted sum of raw features."""
-    outs, start = [], 0
-    for h, w in grid_hw:
-        image = x[start:start + h * w].reshape(h, w, -1)
-        start += h * w
-        for r in range(0, h, window):
-            for c in range(0, w, window):
-                tokens = image[r:r + window, c:c + window].reshape(-1, x.shape[1])
-                scores = (F.relu(tokens @ w1.T + b1) @ w2.T + b2).squeeze(-1)
-                outs.append(torch.softmax(scores, dim=0) @ tokens)
-    return torch.stack(outs)
-
-
 @pytest.mark.parametrize(
     "grids, window",
     [([[27, 27]], 3), ([[5, 7], [1, 4], [4, 4]], 3), ([[5, 7], [1, 4], [27, 27], [4, 4]], 2), ([[1, 4]], 2)],
@@ -263,7 +249,7 @@ def test_spatial_attention_pool_matches_window_loop(grids, window):
     x = randn(T, C, dtype=F64, gen=gen, requires_grad=True)
     weights = [randn(*s, dtype=F64, gen=gen, requires_grad=True) for s in ((hidden, C), (hidden,), (1, hidden), (1,))]
     ours = fastvl.spatial_attention_pool(x, torch.tensor(grids), *weights, window=window)
-    theirs = sap_loop(x, grids, *weights, window)
+    theirs = sap_window_loop(x, grids, *weights, window)
     assert_close(ours, theirs, F64)
     inputs = [x, *weights]
     (*ours_grads, ours_db2), (*their_grads, their_db2) = (grads(out, inputs, generator(1)) for out in (ours, theirs))

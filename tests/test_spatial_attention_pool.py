@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastvl
-from fastvl.testing import TF32_TOLERANCE, TOLERANCE, assert_close, generator, randn
+from fastvl.testing import TF32_TOLERANCE, TOLERANCE, assert_close, generator, randn, sap_window_loop
 
 C, HID = 72, 100  # neither a power of two; C spans two channel tiles, HID a partial GEMM tile
 
@@ -30,20 +30,6 @@ def _inputs(grids, dtype, device, seed=0, stride_pad=0, channels=C, hidden=HID):
 
 def _windows(h, w, r):
     return -(-h // r) * -(-w // r)
-
-
-def oracle(x, grids, w1, b1, w2, b2, r):
-    """FlashSloth's definition, window by window: slice the r x r block, softmax its scores, weight its rows."""
-    out, start = [], 0
-    for h, w in grids:
-        image = x[start:start + h * w].view(h, w, -1)
-        start += h * w
-        for i in range(0, h, r):
-            for j in range(0, w, r):
-                block = image[i:i + r, j:j + r].reshape(-1, x.shape[1])
-                score = torch.relu(block @ w1.t() + b1) @ w2.t() + b2
-                out.append((torch.softmax(score, dim=0) * block).sum(0))
-    return torch.stack(out)
 
 
 def _tolerance(dtype, device):
@@ -104,7 +90,7 @@ def test_kernel_matches_window_loop(triton_backend, device):
     """fp32 kernel against the independent loop oracle (float64), which the reference also matches."""
     grids, r = [(7, 5), (3, 3), (2, 7), (1, 1)], 3
     x, grid_hw, params = _inputs(grids, torch.float32, device, seed=2)
-    exact = oracle(x.double(), grids, *(p.double() for p in params), r)
+    exact = sap_window_loop(x.double(), grids, *(p.double() for p in params), r)
     out = fastvl.spatial_attention_pool(x, grid_hw, *params, window=r)
     assert_close(out, exact, tol=_tolerance(torch.float32, device))
     with fastvl.use_backend("reference"):
@@ -117,7 +103,7 @@ def test_window_larger_than_image(triton_backend, device):
     grids = [(3, 2), (1, 3), (2, 2)]
     x, grid_hw, params = _inputs(grids, torch.float32, device, seed=3)
     out = fastvl.spatial_attention_pool(x, grid_hw, *params, window=4)
-    exact = oracle(x.double(), grids, *(p.double() for p in params), 4)
+    exact = sap_window_loop(x.double(), grids, *(p.double() for p in params), 4)
     assert_close(out, exact, tol=_tolerance(torch.float32, device))
 
 
