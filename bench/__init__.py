@@ -2,7 +2,8 @@
 
 A suite is a module here with ``run(device: str, quick: bool) -> list[dict]``: one row per
 (op, case, implementation) with at least the keys ``suite``, ``op``, ``case``, ``impl`` and any of
-``fwd_ms``, ``fwd_bwd_ms``, ``gflop``, ``mbytes``, ``tflops``, ``gbps``, ``peak_mb``, ``speedup``.
+``fwd_ms``, ``fwd_bwd_ms``, ``gflop``, ``mbytes``, ``tflops``, ``gbps``, ``peak_mb``, ``speedup``, or
+``skipped`` (the reason an implementation did not run).
 """
 import importlib
 
@@ -11,7 +12,7 @@ import torch
 from .common import environment, write_json
 
 SUITES = ("ops", "attention", "compression")
-COLUMNS = ("op", "case", "impl", "gflop", "mbytes", "fwd_ms", "fwd_bwd_ms", "tflops", "gbps", "peak_mb", "speedup")
+COLUMNS = ("op", "case", "impl", "gflop", "mbytes", "fwd_ms", "fwd_bwd_ms", "tflops", "gbps", "peak_mb", "speedup", "skipped")
 
 
 def _cell(value):
