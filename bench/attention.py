@@ -24,7 +24,6 @@ files are named after the filter, so that a GPU run can be split into commands o
 """
 import argparse
 import importlib.util
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ from fastvl.reference.apply_rope_2d import rope_2d_angles
 from fastvl.testing import rel_err
 
 from .common import (
-    bar_plot, default_out, device_name, environment, measured, peak_memory_mb, slug, time_ms, write_json,
+    bar_plot, default_out, device_name, environment, measured, peak_memory_mb, print_skipped, save_results, slug,
+    time_ms,
 )
 
 OP = "varlen_attention+rope_2d"
@@ -341,21 +341,14 @@ def main(argv=None):
         print(f"{s['case']}: {FUSED} ({s['fused_backend']}) fwd+bwd speedup "
               f"{s.get('vs_best_unfused', float('nan')):.2f}x over {s.get('best_unfused', '-')}, "
               f"{s.get('vs_hf_sdpa_loop', float('nan')):.2f}x over {BASELINE}")
-    for r in rows:
-        if "skipped" in r:
-            print(f"skipped {r['impl']} ({r['case']}): {r['skipped']}")
-    out = args.out or default_out(device)
+    print_skipped(rows)
     stem = "attention" + (f"-{slug(args.case)}" if args.case else "")  # partial runs do not overwrite each other
     keys = ("model", "pack", "heads", "head_dim", "grids", "tokens", "dtype")
     shapes = list({r["case"]: {k: r[k] for k in keys} for r in measured(rows)}.values())
-    write_json(os.path.join(out, f"{stem}.json"),
-               {"environment": environment(device), "suite": "attention", "quick": args.quick, "case_filter": args.case,
-                "shapes": shapes, "summary": found, "rows": rows})
-    print(f"wrote {os.path.join(out, stem + '.json')}")
-    if plot(rows, os.path.join(out, f"{stem}.png")):
-        print(f"wrote {os.path.join(out, stem + '.png')}")
-    else:
-        print("matplotlib is not installed: no plot")
+    save_results(args.out or default_out(device), stem,
+                 {"environment": environment(device), "suite": "attention", "quick": args.quick,
+                  "case_filter": args.case, "shapes": shapes, "summary": found, "rows": rows},
+                 lambda path: plot(rows, path))
     return 0
 
 

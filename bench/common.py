@@ -115,3 +115,18 @@ def default_out(device):
     """bench/results/<device>/, e.g. bench/results/nvidia-h100-80gb-hbm3/."""
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", slug(name))
+
+
+def print_skipped(rows):
+    for r in rows:
+        if "skipped" in r:
+            print(f"skipped {r['impl']} ({r['case']}): {r['skipped']}")
+
+
+def save_results(out, stem, payload, plot):
+    """Write <out>/<stem>.json and, with matplotlib, <out>/<stem>.png (``plot(path)`` returns whether it drew)."""
+    path = os.path.join(out, f"{stem}.json")
+    write_json(path, payload)
+    print(f"wrote {path}")
+    png = os.path.join(out, f"{stem}.png")
+    print(f"wrote {png}" if plot(png) else "matplotlib is not installed: no plot")

@@ -22,7 +22,6 @@ scaled-down shapes, and every case name says ``[cpu]``. ``python -m fastvl.bench
 [--out DIR]`` writes DIR/compression.json and DIR/compression.png (bench/results/<device>/ by default).
 """
 import argparse
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -35,7 +34,7 @@ import fastvl
 from fastvl.testing import rel_err
 
 from .common import (
-    bar_plot, default_out, device_name, environment, measured, peak_memory_mb, time_ms, write_json,
+    bar_plot, default_out, device_name, environment, measured, peak_memory_mb, print_skipped, save_results, time_ms,
 )
 
 SUITE = "compression"
@@ -330,17 +329,10 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = run(device, args.quick)
     print_table(measured(rows))
-    for r in rows:
-        if "skipped" in r:
-            print(f"skipped {r['impl']} ({r['case']}): {r['skipped']}")
-    out = args.out or default_out(device)
-    path = os.path.join(out, f"{SUITE}.json")
-    write_json(path, {"environment": environment(device), "suite": SUITE, "quick": args.quick, "rows": rows})
-    print(f"wrote {path}")
-    if plot(rows, os.path.join(out, f"{SUITE}.png")):
-        print(f"wrote {os.path.join(out, SUITE + '.png')}")
-    else:
-        print("matplotlib is not installed: no plot")
+    print_skipped(rows)
+    save_results(args.out or default_out(device), SUITE,
+                 {"environment": environment(device), "suite": SUITE, "quick": args.quick, "rows": rows},
+                 lambda path: plot(rows, path))
     return 0
 
 
