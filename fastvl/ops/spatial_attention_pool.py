@@ -3,7 +3,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..reference.spatial_attention_pool import sap_scores
+from ..reference.spatial_attention_pool import sap_pool, sap_scores
 from . import _checks as check
 from ._dispatch import kernel_module, reference_vjp
 
@@ -49,8 +49,8 @@ def _forward(
     kernel = kernel_module("spatial_attention_pool", x)
     if kernel is not None:
         return kernel.forward(x, grid_hw, w1, b1, w2, b2, window, num_windows)
-    out = reference.spatial_attention_pool(x, grid_hw, w1, b1, w2, b2, window)
-    return out, sap_scores(x, w1, b1, w2, b2).to(_score_dtype(x))
+    scores = sap_scores(x, w1, b1, w2, b2)
+    return sap_pool(x, scores, grid_hw, window), scores.to(_score_dtype(x))
 
 
 @_forward.register_fake

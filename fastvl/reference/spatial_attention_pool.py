@@ -28,9 +28,14 @@ def spatial_attention_pool(x, grid_hw, w1, b1, w2, b2, window=3):
     Each output token is the softmax(score)-weighted sum of the raw features of one window x window
     block; edge blocks of grids not divisible by the window pool over the tokens they have.
     """
+    return sap_pool(x, sap_scores(x, w1, b1, w2, b2), grid_hw, window)
+
+
+def sap_pool(x, scores, grid_hw, window=3):
+    """The pooling half of SAP: softmax of ``scores`` [T] within each window, weighted sum of x's rows."""
     idx, n = sap_window_index(grid_hw, window, x.device)
     compute = torch.promote_types(x.dtype, torch.float32)
-    s = sap_scores(x, w1, b1, w2, b2).to(compute)
+    s = scores.to(compute)
     # the shift only stabilises exp; softmax does not depend on it
     peak = torch.full((n,), float("-inf"), dtype=compute, device=x.device).scatter_reduce(0, idx, s.detach(), "amax")
     e = torch.exp(s - peak[idx])
