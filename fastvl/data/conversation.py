@@ -158,7 +158,7 @@ def format_conversation(conversation, template, num_image_tokens=None, num_query
                                                   num_query_tokens))
 
 
-def _token_id(tokenizer, token):
+def token_id(tokenizer, token):
     """The id ``token`` encodes to when it is one token of ``tokenizer`` (not the unknown token), else None."""
     ids = tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1 or (ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token):
@@ -173,9 +173,9 @@ def add_template_tokens(tokenizer, template):
     from transformers import AddedToken
 
     template = get_template(template)
-    missing = [t for t in (*template.special_tokens, QUERY_TOKEN) if _token_id(tokenizer, t) is None]
+    missing = [t for t in (*template.special_tokens, QUERY_TOKEN) if token_id(tokenizer, t) is None]
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
-    still = [t for t in missing if _token_id(tokenizer, t) is None]
+    still = [t for t in missing if token_id(tokenizer, t) is None]
     if still:
         raise ValueError(f"tokenizer: {still} still do not encode to one token each after being added")
     return missing
@@ -192,7 +192,7 @@ def tokenize_conversation(conversation, tokenizer, template, num_image_tokens=()
     num_image_tokens = () if num_image_tokens is None else num_image_tokens
     needed = template.special_tokens + ((QUERY_TOKEN,) if num_query_tokens else ())
     for token in needed:
-        if _token_id(tokenizer, token) is None:
+        if token_id(tokenizer, token) is None:
             raise ValueError(f"tokenizer: {token!r} of template {template.name!r} is not a single token; "
                              f"add_template_tokens(tokenizer, {template.name!r}) adds it")
     segments = _segments(conversation, template, num_image_tokens, num_query_tokens)
@@ -200,7 +200,7 @@ def tokenize_conversation(conversation, tokenizer, template, num_image_tokens=()
     input_ids = torch.tensor([i for ids in encoded for i in ids], dtype=torch.int64)
     labels = torch.cat([torch.tensor(ids, dtype=torch.int64) if sup else torch.full((len(ids),), IGNORE_INDEX)
                         for ids, (_, sup) in zip(encoded, segments)])
-    is_image = input_ids == _token_id(tokenizer, template.image_token)
+    is_image = input_ids == token_id(tokenizer, template.image_token)
     if is_image.sum().item() != sum(num_image_tokens):
         raise ValueError(f"conversation: the text contains {template.image_token!r} itself; "
                          "mark images with <image> only")
