@@ -62,15 +62,11 @@ def _generate(args):
         return _fail("generate", f"{args.image}: cannot read the image ({exc})")
     import torch
 
-    from .models import FastVLForConditionalGeneration, generate_text
-    from .models.generate import TOKENIZER_FILES, check_tokenizer, find_tokenizer, image_processor
+    from .models import FastVLForConditionalGeneration, generate_text, image_processor, load_tokenizer
 
     try:
-        tokenizer = find_tokenizer(args.model)
-        if tokenizer is None:
-            return _fail("generate", f"{args.model}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
         model = FastVLForConditionalGeneration.from_pretrained(args.model, dtype="auto")
-        check_tokenizer(tokenizer, model.config)
+        tokenizer = load_tokenizer(args.model, model.config)
     except (OSError, ValueError) as exc:
         return _fail("generate", f"{args.model}: cannot load the model and tokenizer ({exc})")
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

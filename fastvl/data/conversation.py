@@ -50,13 +50,15 @@ class Template:
     image_close: str
     image_pattern: str           # what a placeholder (and what it swallows) looks like in the text
     special_tokens: tuple        # must each be one token of the tokenizer
+    answer_end: str              # closes each answer (supervised; generation stops there)
 
 
 TEMPLATES = {
     "qwen2": Template("qwen2", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", r"<image>\n?",
-                      ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")),
-    "phi2": Template("phi2", IMAGE_PLACEHOLDER, "", "", r"<image>", (IMAGE_PLACEHOLDER, "</s>")),
-    "plain": Template("plain", IMAGE_PLACEHOLDER, "", "", r"<image>", (IMAGE_PLACEHOLDER,)),
+                      ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+                      "<|im_end|>"),
+    "phi2": Template("phi2", IMAGE_PLACEHOLDER, "", "", r"<image>", (IMAGE_PLACEHOLDER, "</s>"), "</s>"),
+    "plain": Template("plain", IMAGE_PLACEHOLDER, "", "", r"<image>", (IMAGE_PLACEHOLDER,), "\n"),
 }
 
 
@@ -129,20 +131,20 @@ def _segments(conversation, template, num_image_tokens, num_query_tokens):
         for user, answer in turns:
             segments.append((f"<|im_start|>user\n{expand(user)}{query}<|im_end|>\n<|im_start|>assistant\n", False))
             if answer is not None:
-                segments += [(answer + "<|im_end|>", True), ("\n", False)]
+                segments += [(answer + template.answer_end, True), ("\n", False)]
     elif template.name == "phi2":
         segments = [((PHI2_SYSTEM if system is None else system) + " ", False)]
         for user, answer in turns:
             segments.append((f"USER: {expand(user)}{' ' + query if query else ''} ASSISTANT:", False))
             if answer is not None:
-                segments.append((f" {answer}</s>", True))
+                segments.append((f" {answer}{template.answer_end}", True))
     else:
         if system is not None or len(turns) != 1 or turns[0][1] is None:
             raise ValueError("conversation: the plain template takes one user turn (its images) and one answer "
                              "(the caption), no system message")
         user, caption = turns[0]
         images = expand(IMAGE_PLACEHOLDER * user.count(IMAGE_PLACEHOLDER))
-        segments = [(images, False), (caption, True), (query, False), ("\n", True)]
+        segments = [(images, False), (caption, True), (query, False), (template.answer_end, True)]
     merged = []  # the prompt between two answers is one piece, tokenized in context as the originals do
     for text, supervised in segments:
         if merged and merged[-1][1] == supervised:

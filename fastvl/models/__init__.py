@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from .configuration import FastVLConfig, FastVLVisionConfig
 from .convert import convert, save_converted
-from .generate import generate_text, image_processor, prepare_inputs
+from .generate import generate_text, image_processor, load_tokenizer, prepare_inputs
 from .loading import load_language_weights, load_vision_weights, vision_config_from_hf
 from .modeling import FastVLForConditionalGeneration, FastVLPreTrainedModel
 
@@ -18,6 +18,6 @@ AutoModelForImageTextToText.register(FastVLConfig, FastVLForConditionalGeneratio
 
 __all__ = [
     "FastVLConfig", "FastVLForConditionalGeneration", "FastVLPreTrainedModel", "FastVLVisionConfig", "convert",
-    "generate_text", "image_processor", "load_language_weights", "load_vision_weights", "prepare_inputs",
-    "save_converted", "vision_config_from_hf",
+    "generate_text", "image_processor", "load_language_weights", "load_tokenizer", "load_vision_weights",
+    "prepare_inputs", "save_converted", "vision_config_from_hf",
 ]

@@ -35,6 +35,16 @@ def find_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
+def load_tokenizer(path, config):
+    """The tokenizer of the model directory ``path``, checked against the model's ``config``: FileNotFoundError
+    when there are no tokenizer files, ValueError when it lacks the model's image (or query) token."""
+    tokenizer = find_tokenizer(path)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    check_tokenizer(tokenizer, config)
+    return tokenizer
+
+
 def check_tokenizer(tokenizer, config):
     """ValueError unless the chat template's image token (and the query token, with EmbQ) encode to one token each,
     with the model's ids."""
@@ -80,6 +90,12 @@ def prepare_inputs(model, tokenizer, images, prompt, processor=None):
 @torch.inference_mode()
 def generate_text(model, tokenizer, images, prompt, max_new_tokens=128, processor=None):
     """Greedy answer of ``model`` to ``prompt`` about ``images``."""
+    from ..data.conversation import TEMPLATES, token_id
+
     inputs = prepare_inputs(model, tokenizer, images, prompt, processor)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    end = token_id(tokenizer, TEMPLATES[model.config.chat_template].answer_end)  # also stop where answers end
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos + ([end] if end is not None and end not in eos else []) or None)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

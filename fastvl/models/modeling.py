@@ -330,7 +330,7 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
         else:
             text = torch.arange(past, past + length, device=embeds.device).expand(batch, -1)
         deltas = self._rope_deltas
-        if deltas is not None and deltas.shape[0] == text.shape[0]:
+        if past and deltas is not None and deltas.shape[0] == text.shape[0]:
             text = text + deltas.to(text.device)
         return position_ids, text[None].expand(3, -1, -1)
 
