@@ -86,7 +86,7 @@ def released_keys(vision_layers=2):
     return keys
 
 
-# ----------------------------------------------------------------------------------- FlashSloth's forward, re-implemented
+# ------------------------------------------------------------------------------ FlashSloth's forward, re-implemented
 
 class LQAttention(nn.Module):
     """lqformerattention: q/k at the bottleneck width, v at the value width, fp32 logits and softmax, masked keys

@@ -82,8 +82,8 @@ def released_keys(variant, depth):
                  b + "mlp.fc2.weight": (E, F), b + "mlp.fc2.bias": (E,)}
 
     def merger(ln, mlp, width, hidden):
-        return {ln + ".weight": (E,), ln + ".bias": (E,), mlp + ".0.weight": (hidden, width), mlp + ".0.bias": (hidden,),
-                mlp + ".2.weight": (D, hidden), mlp + ".2.bias": (D,)}
+        return {ln + ".weight": (E,), ln + ".bias": (E,), mlp + ".0.weight": (hidden, width),
+                mlp + ".0.bias": (hidden,), mlp + ".2.weight": (D, hidden), mlp + ".2.bias": (D,)}
 
     keys |= merger("visual.merger.ln_q", "visual.merger.mlp", 4 * E, 4 * E)
     if variant == "midlayers":

@@ -170,7 +170,9 @@ class FastVLConfig(PretrainedConfig):
         _choice("embq_image", self.embq_image, ("sample", "batch_index"))
         if self.embq_question_start is not None and (not isinstance(self.embq_question_start, int)
                                                      or self.embq_question_start < 0):
-            raise ValueError(f"embq_question_start must be None or a non-negative int, got {self.embq_question_start!r}")
+            raise ValueError(
+                f"embq_question_start must be None or a non-negative int, got {self.embq_question_start!r}"
+            )
         if self.mrope_section is not None:
             section = self.mrope_section
             if (not isinstance(section, (list, tuple)) or len(section) != 3

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from .configuration import FastVLConfig, FastVLVisionConfig
-from .loading import _CONFIG_META, _listing, read_config, read_state_dict, siglip_vision_names, vision_config_from_hf
+from .loading import (
+    CONFIG_META, key_listing, read_config, read_state_dict, siglip_vision_names, vision_config_from_hf,
+)
 
 SOURCES = ("qwen2_vl", "slimm", "flashsloth")
 SLIMM_VIT_TAPS = [8, 16, 24, 30]  # SliMM's DeepStack-MidLayers taps, whatever the ViT depth
@@ -92,7 +94,7 @@ def _qwen2_text(fields, tie):
     rope = dict(fields.get("rope_parameters") or {"rope_theta": fields.get("rope_theta", 1e6)})
     section = rope.pop("mrope_section", None)
     rope = {k: v for k, v in rope.items() if k != "type"} | {"rope_type": rope.get("rope_type", "default")}
-    known = set(Qwen2Config().to_dict()) - set(_CONFIG_META) - {"rope_parameters", "tie_word_embeddings"}
+    known = set(Qwen2Config().to_dict()) - set(CONFIG_META) - {"rope_parameters", "tie_word_embeddings"}
     text = Qwen2Config(**{k: v for k, v in fields.items() if k in known}, rope_parameters=rope,
                        tie_word_embeddings=bool(tie))
     return text, section
@@ -176,7 +178,7 @@ def _flashsloth(src, raw, state, vision_model, tokenizer):
         vision = FastVLVisionConfig.siglip_so400m()
     else:
         raise ValueError(f"{src}: mm_vision_select_layer={select}; pass the SigLIP directory as vision_model")
-    known = set(PhiConfig().to_dict()) - set(_CONFIG_META) | {"rope_theta", "partial_rotary_factor"}
+    known = set(PhiConfig().to_dict()) - set(CONFIG_META) | {"rope_theta", "partial_rotary_factor"}
     text = PhiConfig(**{k: v for k, v in raw.items() if k in known})
     if tokenizer is not None:
         add_template_tokens(tokenizer, "phi2")
@@ -218,7 +220,7 @@ def _load(model, state, src):
     shapes = [f"{k} {list(state[k].shape)} (the model's: {list(expected[k].shape)})"
               for k in state if k in expected and state[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
-        problems = [f"{what}: {_listing(keys)}" for what, keys in (
+        problems = [f"{what}: {key_listing(keys)}" for what, keys in (
             ("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
         raise ValueError(f"{src}: the checkpoint does not map onto the model ({'; '.join(problems)})")
     written = {}

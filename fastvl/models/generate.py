@@ -16,7 +16,8 @@ def image_processor(config, path=None):
     if vision.tower == "fixed":
         return FixedResolutionProcessor(size=vision.image_size, hd=config.image_hd)
     # DeepStack-Efficient gives the LLM one token per 2m x 2m patches: sides resize to multiples of that
-    efficient = config.compressor == "deepstack" and config.deepstack_type == "efficient" and not vision.input_patch_size
+    efficient = (config.compressor == "deepstack" and config.deepstack_type == "efficient"
+                 and not vision.input_patch_size)
     patch = vision.input_patch_size or vision.patch_size
     geometry = dict(patch_size=patch, temporal_patch_size=vision.temporal_patch_size,
                     merge_size=vision.spatial_merge_size,

@@ -10,7 +10,8 @@ from .configuration import FastVLVisionConfig
 
 _QWEN = ("qwen2_vl", "qwen2_5_vl")
 _SIGLIP = ("siglip", "siglip_vision_model")
-_CONFIG_META = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
+# config.json fields that describe the file rather than the model
+CONFIG_META = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
 
 
 def read_config(path):
@@ -36,7 +37,7 @@ def _qwen_vision(path, raw):
     if "vision_config" in raw:
         return AutoConfig.from_pretrained(path).vision_config
     cls = Qwen2VLVisionConfig if raw["model_type"] == "qwen2_vl" else Qwen2_5_VLVisionConfig
-    return cls(**{k: v for k, v in raw.items() if k not in _CONFIG_META})
+    return cls(**{k: v for k, v in raw.items() if k not in CONFIG_META})
 
 
 def vision_config_from_hf(path, **overrides):
@@ -174,7 +175,8 @@ def load_vision_weights(model, path):
     return ignored
 
 
-def _listing(names, limit=8):
+def key_listing(names, limit=8):
+    """The first ``limit`` of ``names``, sorted, and how many more there are."""
     names = sorted(names)
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -191,7 +193,8 @@ def load_language_weights(model, path):
     read_config(path)
     dtype = next(model.language_model.parameters()).dtype
     llm, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
-    problems = [f"{kind.replace('_', ' ')}: {_listing(info[kind] if kind != 'mismatched_keys' else [k for k, *_ in info[kind]])}"
+    info["mismatched_keys"] = [key for key, *_ in info.get("mismatched_keys") or ()]  # (key, shapes...)
+    problems = [f"{kind.replace('_', ' ')}: {key_listing(info[kind])}"
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
     if problems:
         raise ValueError(f"{path}: the checkpoint does not match its own config ({'; '.join(problems)})")
@@ -199,7 +202,7 @@ def load_language_weights(model, path):
     missing, unexpected = ours.keys() - theirs.keys(), theirs.keys() - ours.keys()
     shapes = [k for k in ours.keys() & theirs.keys() if ours[k].shape != theirs[k].shape]
     if missing or unexpected or shapes:
-        problems = [f"{what}: {_listing(keys)}" for what, keys in (
+        problems = [f"{what}: {key_listing(keys)}" for what, keys in (
             ("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys]
         raise ValueError(f"{path}: its {type(llm).__name__} does not fit the model's language model "
                          f"{type(model.language_model).__name__} ({'; '.join(problems)})")

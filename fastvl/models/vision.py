@@ -146,8 +146,9 @@ def split_windows(pixel_values, grid_thw, config):
     if any(h % m or w % m or min(t, h, w) < 1 for t, h, w in rows) or grid_thw.prod(-1).sum() != pixel_values.shape[0]:
         raise ValueError(f"image_grid_thw {rows} does not cover the {pixel_values.shape[0]} pixel rows in windows "
                          f"of {m}x{m}")
+    images = pixel_values.split(grid_thw.prod(-1).tolist())
     out = [x.reshape(t, h // m, w // m, m, m, c, t_patch, m, p, m, p).permute(0, 1, 3, 2, 4, 7, 9, 5, 6, 8, 10)
-           .reshape(-1, c * t_patch * p * p) for x, (t, h, w) in zip(pixel_values.split(grid_thw.prod(-1).tolist()), rows)]
+           .reshape(-1, c * t_patch * p * p) for x, (t, h, w) in zip(images, rows)]
     return torch.cat(out), grid_thw * torch.tensor([1, m, m])
 
 
