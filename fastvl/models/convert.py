@@ -144,12 +144,12 @@ def _slimm(src, raw, state, vision_model, tokenizer):
     elif kind == "qwen2":
         text, _ = _qwen2_text(raw, raw.get("tie_word_embeddings", False))
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        section = [16, 24, 24] if 2 * 64 <= head_dim else [8, 12, 12]
+        section = [16, 24, 24] if 2 * sum([16, 24, 24]) <= head_dim else [8, 12, 12]
     else:
         raise ValueError(f"{src}: a SliMM checkpoint has model_type 'qwen2' or 'qwen2_vl', got {kind!r}")
     config = FastVLConfig(
         vision_config=vision, text_config=text, compressor="deepstack" if deepstack else "patch_merge",
-        deepstack_type=variant or "midlayers", deepstack_order="slimm",
+        deepstack_type=variant or "midlayers", deepstack_order="slimm" if variant == "efficient" else "spatial",
         deepstack_vit_layers=SLIMM_VIT_TAPS if variant == "midlayers" else None,
         deepstack_start=raw.get("local_features_start", 1), image_token_id=raw.get("image_token_id", 151655),
         video_token_id=raw.get("video_token_id", 151656),
