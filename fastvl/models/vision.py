@@ -95,7 +95,9 @@ class NativeVisionTower(VisionTower):
 
     The patch embedding is a Linear over each row (equal to Qwen2-VL's Conv3d with stride = kernel).
     Each frame is one attention segment; with ``window_size`` the blocks outside
-    ``fullatt_block_indexes`` attend within windows of window_size pixels (Qwen2.5-VL).
+    ``fullatt_block_indexes`` attend within windows of window_size pixels (Qwen2.5-VL). With
+    ``input_patch_size`` each row is one merge window and the grid counts windows (SliMM
+    DeepStack-Efficient's processor): the rows are split into patch rows first.
     """
 
     def __init__(self, config):
