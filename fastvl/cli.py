@@ -12,10 +12,20 @@ def main(argv=None):
     bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (CPU smoke run)")
     bench.add_argument("--out", help="write the results as JSON to this file")
     generate = sub.add_parser("generate", help="answer a prompt about an image with a saved FastVL model")
-    generate.add_argument("--model", required=True, help="directory of a saved FastVL model and its tokenizer")
+    generate.add_argument("--model", required=True,
+                          help="directory of a FastVL model (or a Qwen2-VL, SliMM or FlashSloth one) and its tokenizer")
     generate.add_argument("--image", required=True, help="image file")
     generate.add_argument("--prompt", required=True, help="question or instruction")
     generate.add_argument("--max-new-tokens", type=int, default=128)
+    convert = sub.add_parser("convert", help="write a Qwen2-VL, Qwen2.5-VL, SliMM or FlashSloth checkpoint as FastVL")
+    convert.add_argument("src", help="checkpoint directory")
+    convert.add_argument("dst", help="output directory")
+    convert.add_argument("--from", dest="source", default="auto", choices=("auto", "qwen2_vl", "slimm", "flashsloth"),
+                         help="checkpoint format (default: from its config.json)")
+    convert.add_argument("--vision-model", help="local vision tower directory for a checkpoint that names a hub "
+                         "model (SliMM's custom_visual_model, FlashSloth's mm_vision_tower)")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"),
+                         help="default: the checkpoint's")
     args = parser.parse_args(argv)
     if args.command == "gate":
         from .gate import run
@@ -27,40 +37,55 @@ def main(argv=None):
         return run(quick=args.quick, out=args.out)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "convert":
+        return _convert(args)
+    return 2
+
+
+def _fail(command, message):
+    print(f"fastvl {command}: {message}", file=sys.stderr)
     return 2
 
 
 def _generate(args):
-    """Exit status 2, with the offending path, when the model directory or the image cannot be read."""
+    """Exit status 2, with the offending path, when the model directory, its tokenizer or the image cannot be read."""
     import os
 
-    def fail(message):
-        print(f"fastvl generate: {message}", file=sys.stderr)
-        return 2
-
     if not os.path.isfile(os.path.join(args.model, "config.json")):
-        return fail(f"{args.model}: not a model directory (no config.json)")
+        return _fail("generate", f"{args.model}: not a model directory (no config.json)")
     try:
         from PIL import Image
 
         with Image.open(args.image) as image:
             image = image.convert("RGB")
     except OSError as exc:
-        return fail(f"{args.image}: cannot read the image ({exc})")
+        return _fail("generate", f"{args.image}: cannot read the image ({exc})")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import FastVLForConditionalGeneration, generate_text
+    from .models import FastVLForConditionalGeneration, generate_text, image_processor, load_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+        model = FastVLForConditionalGeneration.from_pretrained(args.model, dtype="auto")
+        tokenizer = load_tokenizer(args.model, model.config)
     except (OSError, ValueError) as exc:
-        return fail(f"{args.model}: cannot load the model and tokenizer ({exc})")
-    if not isinstance(model, FastVLForConditionalGeneration):
-        return fail(f"{args.model}: holds a {type(model).__name__}, not a FastVL model")
+        return _fail("generate", f"{args.model}: cannot load the model and tokenizer ({exc})")
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    print(generate_text(model, tokenizer, [image], args.prompt, args.max_new_tokens))
+    processor = image_processor(model.config, args.model)
+    print(generate_text(model, tokenizer, [image], args.prompt, args.max_new_tokens, processor))
+    return 0
+
+
+def _convert(args):
+    """Exit status 2 with the reason when the checkpoint cannot be converted."""
+    import torch
+
+    from .models import save_converted
+
+    try:
+        save_converted(args.src, args.dst, args.source, args.vision_model, args.dtype and getattr(torch, args.dtype))
+    except (OSError, ValueError) as exc:
+        return _fail("convert", str(exc))
+    print(f"fastvl convert: wrote {args.dst}")
     return 0
 
 

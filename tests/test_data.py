@@ -444,11 +444,26 @@ def test_tokenizer_needs_template_tokens():
     tok = _byte_tokenizer(specials=[])
     with pytest.raises(ValueError, match="add_template_tokens"):
         tokenize_conversation(LLAVA, tok, "phi2", [2])
-    assert add_template_tokens(tok, "phi2") == 3  # <image>, </s>, <learnable>
-    assert add_template_tokens(tok, "phi2") == 0
-    assert add_template_tokens(tok, "qwen2") == 5
+    assert add_template_tokens(tok, "phi2") == ["<image>", "</s>", "<learnable>"]
+    assert add_template_tokens(tok, "phi2") == []
+    assert len(add_template_tokens(tok, "qwen2")) == 5
     out = tokenize_conversation(LLAVA, tok, "phi2", [2], num_query_tokens=9)
     assert _runs(out["input_ids"], out["labels"], tok) == [" A cat.</s>", " Black.</s>"]
+
+
+def test_add_template_tokens_to_a_tokenizer_with_an_unknown_token():
+    """Words a tokenizer does not know map to its unknown token: they are lacking, not present."""
+    words = "A a cat . What is this".split()
+    bare = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    bare.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bare = PreTrainedTokenizerFast(tokenizer_object=bare, unk_token="[UNK]")
+    assert bare("<|image_pad|>", add_special_tokens=False)["input_ids"] == [bare.unk_token_id]
+    added = add_template_tokens(bare, "qwen2")
+    assert added == ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<learnable>"]
+    assert all(len(bare(t, add_special_tokens=False)["input_ids"]) == 1 for t in added)
+    assert bare.convert_tokens_to_ids("<|image_pad|>") != bare.unk_token_id
+    out = tokenize_conversation(MESSAGES, bare, "qwen2", [2])
+    assert (out["input_ids"] == bare.convert_tokens_to_ids("<|image_pad|>")).sum() == 2
 
 
 def test_literal_image_token_in_text_is_rejected(tok):

@@ -1,6 +1,7 @@
 """The FastVL model: token counts of every compressor, DeepStack/EmbQ placement, save/load, generate,
 vision weights from tiny Hugging Face checkpoints, and the ``fastvl generate`` command."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -124,11 +125,57 @@ def test_image_token_mismatch_and_bad_grids():
     (dict(use_embq=True, query_token_id=QUERY, embq_layer=2, embq_dim=33), "embq_dim"),
     (dict(chat_template="llava"), "chat_template"),
     (dict(vision=dict(num_heads=3)), "num_heads"),
+    (dict(vision=dict(embed_dim=132, num_heads=2)), "vision_config: head_dim 66"),  # 2D RoPE needs D % 4 == 0
+    (dict(vision=dict(depth=0)), "vision_config.depth"),
+    (dict(vision=dict(input_patch_size=14)), "vision_config: input_patch_size"),
+    (dict(mrope_section=[4, 6]), "mrope_section"),
+    (dict(vision=dict(tower="fixed"), compressor="sap", mrope_section=[4, 6, 6]), "native"),
+    (dict(tokens_per_second=2), "tokens_per_second"),
+    (dict(embq_without_image="drop"), "embq_without_image"),
+    (dict(embq_image="first"), "embq_image"),
+    (dict(embq_question_start=-1), "embq_question_start"),
 ])
 def test_config_validation(bad, match):
     bad = dict(bad)
     with pytest.raises(ValueError, match=match):
         tiny_config(bad.pop("vision", None), **bad)
+
+
+def test_mrope_section_must_fit_the_llm_rotary():
+    with pytest.raises(ValueError, match=r"mrope_section \[4, 4, 4\] must sum to .* 16"):
+        tiny_model(mrope_section=[4, 4, 4])  # head_dim 32: 16 rotary frequencies
+
+
+@pytest.mark.parametrize("tower", ["native", "fixed"])
+def test_batch_without_images_runs_as_text(tower):
+    """pixel_values with no rows (the processor's, LlavaDataset's and Collator's text-only batches) run as text."""
+    if tower == "native":
+        model = tiny_model(compressor="deepstack")
+        empty = dict(pixel_values=torch.zeros(0, 1176), image_grid_thw=torch.zeros(0, 3, dtype=torch.int64))
+    else:
+        model = tiny_model(dict(tower="fixed", image_size=6 * 14, hidden_act="gelu_pytorch_tanh"), compressor="sap")
+        empty = dict(pixel_values=torch.zeros(0, 3, 6 * 14, 6 * 14))
+    ids, mask = prompt([], per_sample=[0, 0])
+    ids[1, -3:] = 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers' deprecation notices stay quiet
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, **empty).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
+        out = model.generate(input_ids=ids, attention_mask=mask, **empty, max_new_tokens=2, do_sample=False,
+                             pad_token_id=PAD)
+    assert out.shape == (2, ids.shape[1] + 2)
+
+
+def test_image_token_outside_the_vocabulary():
+    """Image tokens are never looked up: FlashSloth's -200 works as an image token id."""
+    model = tiny_model()
+    pv, grid = pixels(model)
+    ids, mask = prompt(model.num_image_tokens(grid), per_sample=[2, 1])
+    ref = model(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid).logits
+    model.config.image_token_id = -200
+    got = model(input_ids=ids.masked_fill(ids == IMAGE, -200), attention_mask=mask, pixel_values=pv,
+                image_grid_thw=grid).logits
+    assert torch.equal(got, ref)
 
 
 def test_midlayer_taps_and_their_mergers():

@@ -20,9 +20,11 @@ Templates:
 - ``plain``: pretraining, ``<image>*n`` + caption (+ queries) + ``"\\n"``; the user's words are dropped.
 
 Labels are ``IGNORE_INDEX`` everywhere except on assistant answers and the token that ends them (``<|im_end|>``,
-``</s>``; for ``plain`` the caption and its ``"\\n"``). Each segment is tokenized on its own (no BOS/EOS added by
-the tokenizer), so the supervised span never depends on how the tokenizer merges across a boundary; answers of
-``phi2`` keep their leading space, as byte-pair tokenizers attach it to the first word.
+``</s>``; for ``plain`` the caption and its ``"\\n"``). Each answer, and each stretch of prompt text between two
+answers, is tokenized on its own (no BOS/EOS added by the tokenizer): the supervised span never depends on how the
+tokenizer merges across a boundary, and a prompt tokenizes as a whole, as the original models' code does (FlashSloth's
+question span counts tokens from the start). Answers of ``phi2`` keep their leading space, as byte-pair tokenizers
+attach it to the first word.
 """
 import math
 import re
@@ -48,13 +50,15 @@ class Template:
     image_close: str
     image_pattern: str           # what a placeholder (and what it swallows) looks like in the text
     special_tokens: tuple        # must each be one token of the tokenizer
+    answer_end: str              # closes each answer (supervised; generation stops there)
 
 
 TEMPLATES = {
     "qwen2": Template("qwen2", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", r"<image>\n?",
-                      ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")),
-    "phi2": Template("phi2", IMAGE_PLACEHOLDER, "", "", r"<image>", (IMAGE_PLACEHOLDER, "</s>")),
-    "plain": Template("plain", IMAGE_PLACEHOLDER, "", "", r"<image>", (IMAGE_PLACEHOLDER,)),
+                      ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+                      "<|im_end|>"),
+    "phi2": Template("phi2", IMAGE_PLACEHOLDER, "", "", r"<image>", (IMAGE_PLACEHOLDER, "</s>"), "</s>"),
+    "plain": Template("plain", IMAGE_PLACEHOLDER, "", "", r"<image>", (IMAGE_PLACEHOLDER,), "\n"),
 }
 
 
@@ -127,21 +131,27 @@ def _segments(conversation, template, num_image_tokens, num_query_tokens):
         for user, answer in turns:
             segments.append((f"<|im_start|>user\n{expand(user)}{query}<|im_end|>\n<|im_start|>assistant\n", False))
             if answer is not None:
-                segments += [(answer + "<|im_end|>", True), ("\n", False)]
+                segments += [(answer + template.answer_end, True), ("\n", False)]
     elif template.name == "phi2":
         segments = [((PHI2_SYSTEM if system is None else system) + " ", False)]
         for user, answer in turns:
             segments.append((f"USER: {expand(user)}{' ' + query if query else ''} ASSISTANT:", False))
             if answer is not None:
-                segments.append((f" {answer}</s>", True))
+                segments.append((f" {answer}{template.answer_end}", True))
     else:
         if system is not None or len(turns) != 1 or turns[0][1] is None:
             raise ValueError("conversation: the plain template takes one user turn (its images) and one answer "
                              "(the caption), no system message")
         user, caption = turns[0]
         images = expand(IMAGE_PLACEHOLDER * user.count(IMAGE_PLACEHOLDER))
-        segments = [(images, False), (caption, True), (query, False), ("\n", True)]
-    return [(text, supervised) for text, supervised in segments if text]
+        segments = [(images, False), (caption, True), (query, False), (template.answer_end, True)]
+    merged = []  # the prompt between two answers is one piece, tokenized in context as the originals do
+    for text, supervised in segments:
+        if merged and merged[-1][1] == supervised:
+            merged[-1] = (merged[-1][0] + text, supervised)
+        elif text:
+            merged.append((text, supervised))
+    return merged
 
 
 def format_conversation(conversation, template, num_image_tokens=None, num_query_tokens=0):
@@ -150,20 +160,27 @@ def format_conversation(conversation, template, num_image_tokens=None, num_query
                                                   num_query_tokens))
 
 
-def _single_token_id(tokenizer, token):
+def token_id(tokenizer, token):
+    """The id ``token`` encodes to when it is one token of ``tokenizer`` (not the unknown token), else None."""
     ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-    return ids[0] if len(ids) == 1 else None
+    if len(ids) != 1 or (ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return ids[0]
 
 
 def add_template_tokens(tokenizer, template):
-    """Add the template's special tokens (and ``<learnable>``) the tokenizer lacks; returns how many were added
-    (resize the model's embeddings by as many)."""
+    """Add the template's special tokens (and ``<learnable>``) that ``tokenizer`` lacks, i.e. that do not encode to
+    one token of their own (a token the tokenizer maps to its unknown token is lacking); returns the tokens added,
+    in order (resize the model's embeddings to ``len(tokenizer)``)."""
     from transformers import AddedToken
 
     template = get_template(template)
-    missing = [t for t in (*template.special_tokens, QUERY_TOKEN) if _single_token_id(tokenizer, t) is None]
-    return tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
-                                special_tokens=True)
+    missing = [t for t in (*template.special_tokens, QUERY_TOKEN) if token_id(tokenizer, t) is None]
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    still = [t for t in missing if token_id(tokenizer, t) is None]
+    if still:
+        raise ValueError(f"tokenizer: {still} still do not encode to one token each after being added")
+    return missing
 
 
 def tokenize_conversation(conversation, tokenizer, template, num_image_tokens=(), num_query_tokens=0,
@@ -177,7 +194,7 @@ def tokenize_conversation(conversation, tokenizer, template, num_image_tokens=()
     num_image_tokens = () if num_image_tokens is None else num_image_tokens
     needed = template.special_tokens + ((QUERY_TOKEN,) if num_query_tokens else ())
     for token in needed:
-        if _single_token_id(tokenizer, token) is None:
+        if token_id(tokenizer, token) is None:
             raise ValueError(f"tokenizer: {token!r} of template {template.name!r} is not a single token; "
                              f"add_template_tokens(tokenizer, {template.name!r}) adds it")
     segments = _segments(conversation, template, num_image_tokens, num_query_tokens)
@@ -185,7 +202,7 @@ def tokenize_conversation(conversation, tokenizer, template, num_image_tokens=()
     input_ids = torch.tensor([i for ids in encoded for i in ids], dtype=torch.int64)
     labels = torch.cat([torch.tensor(ids, dtype=torch.int64) if sup else torch.full((len(ids),), IGNORE_INDEX)
                         for ids, (_, sup) in zip(encoded, segments)])
-    is_image = input_ids == _single_token_id(tokenizer, template.image_token)
+    is_image = input_ids == token_id(tokenizer, template.image_token)
     if is_image.sum().item() != sum(num_image_tokens):
         raise ValueError(f"conversation: the text contains {template.image_token!r} itself; "
                          "mark images with <image> only")

@@ -3,7 +3,9 @@
 Both processors take a list of images (PIL images or HWC uint8 numpy arrays), resize with PIL's bicubic filter
 on uint8 pixels (as the Hugging Face processors do), rescale by 1/255 and normalise per channel.
 """
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -117,6 +119,25 @@ class NativeResolutionProcessor:
         self.image_std = _channel_stats(image_std, "image_std")
         if (self.image_std <= 0).any():
             raise ValueError(f"image_std must be positive, got {image_std!r}")
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """The processor of a Qwen2-VL / Qwen2.5-VL / SliMM checkpoint directory, from its preprocessor_config.json
+        (pixel budget, normalisation, patch and merge sizes; ``overrides`` win). SliMM's DeepStack-Efficient
+        checkpoint says ``patch_size`` 28: rows of one 28-px merge window, ``image_grid_thw`` on that grid."""
+        file = Path(path) / "preprocessor_config.json"
+        try:
+            raw = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{file}: cannot read the image processor config ({exc})") from None
+        size = raw.get("size") or {}
+        fields = dict(
+            patch_size=raw.get("patch_size"), temporal_patch_size=raw.get("temporal_patch_size"),
+            merge_size=raw.get("merge_size"), min_pixels=raw.get("min_pixels", size.get("shortest_edge")),
+            max_pixels=raw.get("max_pixels", size.get("longest_edge")), image_mean=raw.get("image_mean"),
+            image_std=raw.get("image_std"),
+        )
+        return cls(**{k: v for k, v in fields.items() if v is not None} | overrides)
 
     @property
     def row_size(self):

@@ -6,8 +6,9 @@ Registered with transformers' Auto classes (``AutoConfig``, ``AutoModelForCausal
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .configuration import FastVLConfig, FastVLVisionConfig
-from .generate import generate_text, image_processor, prepare_inputs
-from .loading import load_vision_weights, vision_config_from_hf
+from .convert import convert, save_converted
+from .generate import generate_text, image_processor, load_tokenizer, prepare_inputs
+from .loading import load_language_weights, load_vision_weights, vision_config_from_hf
 from .modeling import FastVLForConditionalGeneration, FastVLPreTrainedModel
 
 AutoConfig.register(FastVLConfig.model_type, FastVLConfig, exist_ok=True)
@@ -16,6 +17,7 @@ AutoModelForCausalLM.register(FastVLConfig, FastVLForConditionalGeneration, exis
 AutoModelForImageTextToText.register(FastVLConfig, FastVLForConditionalGeneration, exist_ok=True)
 
 __all__ = [
-    "FastVLConfig", "FastVLForConditionalGeneration", "FastVLPreTrainedModel", "FastVLVisionConfig",
-    "generate_text", "image_processor", "load_vision_weights", "prepare_inputs", "vision_config_from_hf",
+    "FastVLConfig", "FastVLForConditionalGeneration", "FastVLPreTrainedModel", "FastVLVisionConfig", "convert",
+    "generate_text", "image_processor", "load_language_weights", "load_tokenizer", "load_vision_weights",
+    "prepare_inputs", "save_converted", "vision_config_from_hf",
 ]

@@ -2,7 +2,8 @@
 
 Each compressor owns its projector to the LLM width and exposes
 ``forward(tokens, taps, rows) -> (main [L, D], stacked [S, L, D] or None)`` and
-``tokens_per_grid(t, h, w)``, the LLM tokens of one grid row.
+``llm_grid(t, h, w)``, the (frames, rows, columns) of the LLM tokens of one grid row (M-RoPE reads it), whose
+product ``tokens_per_grid`` is their number.
 """
 import math
 
@@ -39,21 +40,26 @@ def cell_order(rows, merge_size):
     return torch.cat(order)
 
 
-class Project(nn.Module):
+class Compressor(nn.Module):
+    def tokens_per_grid(self, t, h, w):
+        return math.prod(self.llm_grid(t, h, w))
+
+
+class Project(Compressor):
     """'none': every ViT token through the projector."""
 
     def __init__(self, config):
         super().__init__()
         self.projector = mlp2x_gelu(config.vision_config.embed_dim, config.text_config.hidden_size)
 
-    def tokens_per_grid(self, t, h, w):
-        return t * h * w
+    def llm_grid(self, t, h, w):
+        return t, h, w
 
     def forward(self, x, taps, rows):
         return self.projector(x), None
 
 
-class SpatialPool(nn.Module):
+class SpatialPool(Compressor):
     """'sap': FlashSloth's spatial attention pooling of each frame, then the projector."""
 
     def __init__(self, config):
@@ -65,8 +71,8 @@ class SpatialPool(nn.Module):
         self.pooling = SpatialAttentionPool(vision.embed_dim, window=self.window, dropout=config.sap_dropout)
         self.projector = mlp2x_gelu(vision.embed_dim, config.text_config.hidden_size)
 
-    def tokens_per_grid(self, t, h, w):
-        return t * math.ceil(h / self.window) * math.ceil(w / self.window)
+    def llm_grid(self, t, h, w):
+        return t, math.ceil(h / self.window), math.ceil(w / self.window)
 
     def forward(self, x, taps, rows):
         if self.merge_size is not None:
@@ -75,19 +81,19 @@ class SpatialPool(nn.Module):
         return self.projector(self.pooling(x, grid_hw)), None
 
 
-class Merge(nn.Module):
+class Merge(Compressor):
     """'patch_merge': Qwen2-VL's PatchMerger, which is also the projector."""
 
     def __init__(self, config):
         super().__init__()
         vision = config.vision_config
-        self.unit = vision.spatial_merge_size ** 2
+        self.merge_size = vision.spatial_merge_size
         self.merger = PatchMerger(
             vision.embed_dim, config.text_config.hidden_size, vision.spatial_merge_size, norm=vision.norm
         )
 
-    def tokens_per_grid(self, t, h, w):
-        return t * h * w // self.unit
+    def llm_grid(self, t, h, w):
+        return t, h // self.merge_size, w // self.merge_size
 
     def forward(self, x, taps, rows):
         return self.merger(x), None
@@ -110,7 +116,7 @@ class DeepStackMidLayers(Merge):
         return self.merger(x), stacked
 
 
-class DeepStackEfficient(nn.Module):
+class DeepStackEfficient(Compressor):
     """SliMM DeepStack-Efficient: one LLM token per 2m x 2m cell of patches from ``merger_deepstack``
     (per-patch norm, the cell's (2m)^2 patches concatenated, MLP with SliMM's m*m*C hidden width); the
     cell's four m x m windows, merged by the Qwen2-VL ``merger``, become the stacked groups
@@ -125,8 +131,8 @@ class DeepStackEfficient(nn.Module):
         self.merger = PatchMerger(dim, out, m, norm=vision.norm)
         self.merger_deepstack = PatchMerger(dim, out, 2 * m, hidden_dim=m * m * dim, norm=vision.norm)
 
-    def tokens_per_grid(self, t, h, w):
-        return t * h * w // (2 * self.merge_size) ** 2
+    def llm_grid(self, t, h, w):
+        return t, h // (2 * self.merge_size), w // (2 * self.merge_size)
 
     def forward(self, x, taps, rows):
         m = 2 * self.merge_size

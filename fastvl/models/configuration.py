@@ -41,20 +41,39 @@ class FastVLVisionConfig(PretrainedConfig):
     window_size: int = 0  # pixels per attention window side (Qwen2.5-VL: 112); 0 = full attention everywhere
     fullatt_block_indexes: list[int] | None = None
     image_size: int = 384
+    input_patch_size: int | None = None  # native: pixel rows of one merge window each (SliMM DeepStack-Efficient: 28)
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        _choice("tower", self.tower, TOWERS)
-        _choice("mlp_type", self.mlp_type, ("fc", "swiglu"))
-        _choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _choice("vision_config.tower", self.tower, TOWERS)
+        _choice("vision_config.mlp_type", self.mlp_type, ("fc", "swiglu"))
+        _choice("vision_config.norm", self.norm, ("layernorm", "rmsnorm"))
+        for name in ("depth", "embed_dim", "num_heads", "intermediate_size", "patch_size", "spatial_merge_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"vision_config.{name} must be a positive int, got {value!r}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+            raise ValueError(
+                f"vision_config: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.tower == "native" and self.head_dim % 4:
+            raise ValueError(f"vision_config: head_dim {self.head_dim} (embed_dim / num_heads) must be a multiple "
+                             "of 4 for the 2D RoPE of the native tower")
         if self.window_size and self.window_size % (self.patch_size * self.spatial_merge_size):
             raise ValueError(
-                f"window_size={self.window_size} must be a multiple of patch_size*spatial_merge_size "
+                f"vision_config: window_size={self.window_size} must be a multiple of patch_size*spatial_merge_size "
                 f"({self.patch_size * self.spatial_merge_size})"
             )
+        window = self.patch_size * self.spatial_merge_size
+        if self.input_patch_size is not None and (self.tower != "native" or self.input_patch_size != window):
+            raise ValueError(f"vision_config: input_patch_size must be None or patch_size*spatial_merge_size "
+                             f"({window}) with the native tower, got {self.input_patch_size}")
+
+    @property
+    def input_unit(self):
+        """Patches per side of one ``image_grid_thw`` cell (``input_patch_size / patch_size``, else 1)."""
+        return self.input_patch_size // self.patch_size if self.input_patch_size else 1
 
     @property
     def head_dim(self):
@@ -89,6 +108,23 @@ class FastVLConfig(PretrainedConfig):
     use_embq: FlashSloth's embedded queries: ``num_query_tokens`` learned tokens replace each run of
     ``query_token_id`` placeholders and, at the input of LLM layer ``embq_layer`` (prefill only),
     cross-attend to their question, then to the un-compressed image tokens.
+
+    Positions: ``mrope_section`` (t, h, w) switches the LLM to Qwen2-VL's M-RoPE: its rotary frequencies are split
+    into these three sections, text runs on one index on all three axes, each image's (video's) LLM tokens take
+    (frame, row, column) of their grid offset by that index, and the text after it continues after the largest
+    position (``tokens_per_second``: Qwen2.5-VL spaces video frames by tokens_per_second * second_per_grid_ts).
+    None (the default): 1D positions.
+
+    Original models' rules, set by ``fastvl convert`` (the defaults are fastvl's):
+      embq_question_start  None: a query block's question is the text since the previous image or query block.
+                           k (FlashSloth: 32): every block of a sample reads the tokens from k + the LLM tokens of
+                           the sample's first image + 1 (the newline) up to the sample's first block.
+      embq_without_image   'queries': samples without images get their queries too (EmbQ does not run).
+                           'plain' (FlashSloth): their query tokens stay ordinary tokens.
+      embq_image           'sample': EmbQ reads every image of its own sample. 'batch_index' (FlashSloth): sample
+                           b reads the b-th image of the batch.
+      deepstack_vit_layers SliMM taps ViT blocks 8/16/24/30 whatever the depth.
+      vision_config.input_patch_size  SliMM DeepStack-Efficient takes 28-px pixel rows and grids.
     """
 
     model_type = "fastvl"
@@ -114,6 +150,12 @@ class FastVLConfig(PretrainedConfig):
     embq_layer: int = 7
     embq_dim: int = 576
     embq_heads: int | None = None  # default: the LLM's attention heads
+    embq_question_start: int | None = None
+    embq_without_image: str = "queries"
+    embq_image: str = "sample"
+    video_token_id: int | None = None
+    mrope_section: list[int] | None = None
+    tokens_per_second: float | None = None
     chat_template: str = "qwen2"
     initializer_range: float = 0.02
 
@@ -124,6 +166,22 @@ class FastVLConfig(PretrainedConfig):
         _choice("deepstack_type", self.deepstack_type, DEEPSTACK_TYPES)
         _choice("deepstack_order", self.deepstack_order, DEEPSTACK_ORDERS)
         _choice("chat_template", self.chat_template, TEMPLATES)
+        _choice("embq_without_image", self.embq_without_image, ("queries", "plain"))
+        _choice("embq_image", self.embq_image, ("sample", "batch_index"))
+        if self.embq_question_start is not None and (not isinstance(self.embq_question_start, int)
+                                                     or self.embq_question_start < 0):
+            raise ValueError(
+                f"embq_question_start must be None or a non-negative int, got {self.embq_question_start!r}"
+            )
+        if self.mrope_section is not None:
+            section = self.mrope_section
+            if (not isinstance(section, (list, tuple)) or len(section) != 3
+                    or not all(isinstance(n, int) and n > 0 for n in section)):
+                raise ValueError(f"mrope_section must be three positive ints (t, h, w), got {section!r}")
+            if tower != "native":
+                raise ValueError("mrope_section needs the native vision tower (image grids give the positions)")
+        if self.tokens_per_second is not None and self.mrope_section is None:
+            raise ValueError("tokens_per_second spaces M-RoPE video frames: it needs mrope_section")
         layers = self.text_config.num_hidden_layers
         if self.compressor == "deepstack":
             groups = 4 if self.deepstack_type == "efficient" else len(self.vit_taps)

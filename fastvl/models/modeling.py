@@ -1,4 +1,6 @@
 """FastVLForConditionalGeneration: vision tower -> compressor -> any Hugging Face causal LM."""
+import os
+
 import torch
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -9,6 +11,7 @@ from ..nn.modules import replace_hidden
 from .compressor import build_compressor
 from .configuration import FastVLConfig
 from .embq import EmbQ
+from .rope import MultimodalRotary, mrope_positions
 from .vision import build_vision_tower
 
 
@@ -18,7 +21,7 @@ class FastVLPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["VisionBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -32,15 +35,23 @@ class FastVLPreTrainedModel(PreTrainedModel):
 
 class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
     """Images are encoded at prefill (``pixel_values`` given) and their LLM tokens replace the
-    ``image_token_id`` placeholders of ``input_ids``, images in order.
+    ``image_token_id`` placeholders of ``input_ids``, images in order; videos (native tower,
+    ``pixel_values_videos`` + ``video_grid_thw``) replace the ``video_token_id`` placeholders. A batch
+    without images (no rows in ``pixel_values``) runs as text. Image token ids are never looked up in
+    the embedding table (an id outside the vocabulary, such as FlashSloth's -200, works).
 
     Native tower: ``pixel_values`` [patches, C*t*p*p] with ``image_grid_thw`` [n, 3]; fixed tower:
     ``pixel_values`` [n * crops, C, S, S] (5 crops per image with ``image_hd``). DeepStack groups are
     added to the image tokens entering LLM layers deepstack_start.. (prefill only). With EmbQ each
     run of ``num_query_tokens`` ``query_token_id`` placeholders holds the learned queries; their
     question is the text between the previous image/query token and them (narrowed by
-    ``question_mask`` [B, L] when given), and they read it and the images of their sample at the
-    input of LLM layer ``embq_layer`` (prefill with images only).
+    ``question_mask`` [B, L] when given; ``embq_question_start`` changes the rule), and they read it
+    and the images of their sample at the input of LLM layer ``embq_layer`` (prefill with images only).
+    With ``mrope_section`` the LLM's positions are Qwen2-VL's M-RoPE, computed from ``input_ids`` and
+    the grids at prefill; decoding continues from them (``position_ids`` [3 or 4, B, L] are used as given).
+
+    ``from_pretrained`` also takes a Qwen2-VL / Qwen2.5-VL, SliMM or FlashSloth checkpoint directory
+    and converts it (``fastvl.models.convert``).
     """
 
     def __init__(self, config: FastVLConfig):
@@ -51,7 +62,8 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
         self.vision_tower = build_vision_tower(vision)
         self.compressor = build_compressor(config)
         self.language_model = AutoModelForCausalLM.from_config(text)
-        layers = self.language_model.get_decoder().layers
+        decoder = self.language_model.get_decoder()
+        layers = decoder.layers
         deepstack = config.compressor == "deepstack"
         self.vit_taps = config.vit_taps if deepstack and config.deepstack_type == "midlayers" else []
         self.deepstack = DeepStack(layers, config.deepstack_start) if deepstack else None
@@ -61,7 +73,25 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
             heads = config.embq_heads or text.num_attention_heads
             self.embq = EmbQ(text.hidden_size, vision.embed_dim, config.embq_dim, heads, config.num_query_tokens)
             layers[config.embq_layer].register_forward_pre_hook(self._embq_hook, with_kwargs=True)
+        self._rope_deltas = None
+        if config.mrope_section is not None:
+            if not isinstance(getattr(decoder, "rotary_emb", None), torch.nn.Module):
+                raise ValueError(f"mrope_section: the {type(decoder).__name__} language model has no rotary_emb")
+            decoder.rotary_emb = MultimodalRotary(decoder.rotary_emb, config.mrope_section)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        from .convert import checkpoint_format, convert
+
+        path = pretrained_model_name_or_path
+        source = checkpoint_format(path) if os.path.isdir(path) else "fastvl"
+        if source == "fastvl":
+            return super().from_pretrained(path, *args, **kwargs)
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        if args or kwargs:
+            raise TypeError(f"from_pretrained of a {source} checkpoint takes only dtype, got {[*args, *kwargs]}")
+        return convert(path, source, dtype=None if dtype == "auto" else dtype)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -82,11 +112,16 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
     def crops_per_image(self):
         return 5 if self.config.image_hd else 1
 
+    def vit_grids(self, image_grid_thw):
+        """The ViT patch grid (t, h, w) of each ``image_grid_thw`` row (which is in input patches)."""
+        unit = self.config.vision_config.input_unit
+        return [[t, h * unit, w * unit] for t, h, w in torch.as_tensor(image_grid_thw).tolist()]
+
     def num_image_tokens(self, images):
         """LLM tokens of each image: ``images`` is ``image_grid_thw`` ([n, 3]) for a native tower; for a
         fixed tower the number of images, or their ``pixel_values`` ([n * crops, C, S, S])."""
         if self.config.vision_config.tower == "native":
-            return [self.compressor.tokens_per_grid(*row) for row in torch.as_tensor(images).tolist()]
+            return [self.compressor.tokens_per_grid(*row) for row in self.vit_grids(images)]
         if isinstance(images, torch.Tensor):
             if images.shape[0] % self.crops_per_image:
                 raise ValueError(f"pixel_values: {images.shape[0]} crops are not {self.crops_per_image} per image")
@@ -110,93 +145,146 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
 
     def forward(
         self, input_ids=None, pixel_values=None, image_grid_thw=None, attention_mask=None, position_ids=None,
-        past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-        question_mask=None, **kwargs,
+        inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, question_mask=None,
+        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, **kwargs,
     ):
+        """Other keyword arguments (the KV cache among them) go to the language model."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if self.deepstack is not None:
             self.deepstack.disarm()
         self._embq_state = None
+        visuals = self._visual_inputs(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if visuals and input_ids is None:
+            raise ValueError("pixel_values need input_ids, which mark where the image tokens go")
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        images = None
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids, which mark where the image tokens go")
-            inputs_embeds, images = self._place_images(input_ids, inputs_embeds, pixel_values, image_grid_thw)
+            text = input_ids
+            for _, token, *_ in visuals:
+                text = text.masked_fill(input_ids == token, 0)
+            inputs_embeds = self.get_input_embeddings()(text)
+        samples = None
+        if visuals:
+            inputs_embeds, samples = self._place_visuals(input_ids, inputs_embeds, visuals)
         if self.embq is not None and input_ids is not None:
-            inputs_embeds = self._place_queries(input_ids, inputs_embeds, attention_mask, question_mask, images)
-        return self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-
-    def _place_images(self, input_ids, embeds, pixel_values, image_grid_thw):
-        """Scatter the image tokens; arm DeepStack; return the embeddings and, per sample, its ViT tokens."""
-        main, stacked, vit_tokens, vit_per_image = self.encode_images(pixel_values, image_grid_thw)
-        mask = input_ids == self.config.image_token_id
-        per_sample = mask.sum(1).tolist()
-        if sum(per_sample) != main.shape[0]:
-            raise ValueError(
-                f"input_ids hold {sum(per_sample)} image tokens but the images give {main.shape[0]} "
-                "(expand each image placeholder to num_image_tokens(...) tokens)"
+            inputs_embeds = self._place_queries(input_ids, inputs_embeds, attention_mask, question_mask, samples)
+        rotary = self.get_decoder().rotary_emb if self.config.mrope_section is not None else None
+        if rotary is not None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            position_ids, rotary.positions = self._mrope(
+                input_ids, attention_mask, position_ids, visuals, second_per_grid_ts, inputs_embeds, cache)
+        try:
+            return self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
             )
-        embeds = embeds.masked_scatter(mask[..., None], main.to(embeds.dtype))
-        if stacked is not None:
-            self.deepstack.arm(mask.reshape(-1).nonzero().squeeze(1), stacked)
-        if self.embq is None:
-            return embeds, None
-        # which images belong to which sample: consecutive images whose LLM tokens fill its image tokens
-        llm_per_image = self.num_image_tokens(pixel_values if image_grid_thw is None else image_grid_thw)
-        vit_chunks = iter(vit_tokens.split(vit_per_image))
-        counts = iter(llm_per_image)
-        images = []
+        finally:
+            if rotary is not None:
+                rotary.positions = None
+
+    def _visual_inputs(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """[(kind, token id, pixel values, grid)] of the images and videos given with at least one row."""
+        config = self.config
+        visuals = []
+        for name, token, pixels, grid in (("image", config.image_token_id, pixel_values, image_grid_thw),
+                                          ("video", config.video_token_id, pixel_values_videos, video_grid_thw)):
+            if pixels is None or (pixels.shape[0] == 0 and (grid is None or torch.as_tensor(grid).numel() == 0)):
+                continue
+            if name == "video" and (token is None or config.vision_config.tower != "native" or self.embq is not None):
+                raise ValueError("pixel_values_videos need a native vision tower, config.video_token_id and no EmbQ")
+            visuals.append((name, token, pixels, grid))
+        return visuals
+
+    def _place_visuals(self, input_ids, embeds, visuals):
+        """Scatter the image and video tokens and arm DeepStack. With EmbQ, returns per sample (its ViT
+        image tokens, the LLM tokens of its first image), both None for a sample without images."""
+        index, groups, samples = [], [], None
+        for kind, token, pixels, grid in visuals:
+            main, stacked, vit_tokens, vit_per_image = self.encode_images(pixels, grid)
+            mask = input_ids == token
+            per_sample = mask.sum(1).tolist()
+            if sum(per_sample) != main.shape[0]:
+                raise ValueError(
+                    f"input_ids hold {sum(per_sample)} {kind} tokens (id {token}) but the {kind}s give "
+                    f"{main.shape[0]} (expand each placeholder to num_image_tokens(...) tokens)"
+                )
+            embeds = embeds.masked_scatter(mask[..., None], main.to(embeds.dtype))
+            if stacked is not None:
+                index.append(mask.reshape(-1).nonzero().squeeze(1))
+                groups.append(stacked)
+            if self.embq is not None:
+                samples = self._images_per_sample(per_sample, self.num_image_tokens(grid if grid is not None
+                                                                                    else pixels),
+                                                  vit_tokens.split(vit_per_image))
+        if groups:
+            self.deepstack.arm(torch.cat(index), torch.cat(groups, 1))
+        return embeds, samples
+
+    def _images_per_sample(self, per_sample, llm_per_image, vit_per_image):
+        """Consecutive images fill each sample's image tokens; EmbQ reads them (``embq_image``)."""
+        counts = iter(enumerate(llm_per_image))
+        samples = []
         for b, need in enumerate(per_sample):
-            chunks = []
+            owned = []
             while need > 0:
-                need -= next(counts)
-                chunks.append(next(vit_chunks))
+                i, n = next(counts)
+                need -= n
+                owned.append(i)
             if need:
                 raise ValueError(f"input_ids: the image tokens of sample {b} end inside an image")
-            images.append(torch.cat(chunks) if chunks else None)
-        return embeds, images
+            if not owned:
+                samples.append((None, None))
+            elif self.config.embq_image == "batch_index":  # FlashSloth reads image b for sample b
+                if b >= len(vit_per_image):
+                    raise ValueError(f"embq_image='batch_index': sample {b} has images but the batch has only "
+                                     f"{len(vit_per_image)}")
+                samples.append((vit_per_image[b], llm_per_image[owned[0]]))
+            else:
+                samples.append((torch.cat([vit_per_image[i] for i in owned]), llm_per_image[owned[0]]))
+        return samples
 
-    def _place_queries(self, input_ids, embeds, attention_mask, question_mask, images):
-        """Add the learned queries at the query placeholders; arm EmbQ when images are present."""
-        query_mask = input_ids == self.config.query_token_id
-        if not query_mask.any():
+    def _place_queries(self, input_ids, embeds, attention_mask, question_mask, samples):
+        """Add the learned queries at the query placeholders; arm EmbQ for samples with images."""
+        first_image = None if samples is None else [first for _, first in samples]
+        blocks = self._query_blocks(input_ids, attention_mask, question_mask, first_image)
+        if not blocks:
             return embeds
-        blocks = self._query_blocks(input_ids, attention_mask, question_mask)
+        n, length = self.config.num_query_tokens, input_ids.shape[1]
+        rows = [torch.arange(b * length + p, b * length + p + n, device=input_ids.device) for b, p, _ in blocks]
         queries = self.embq.query_tokens.to(embeds.dtype).repeat(len(blocks), 1)
-        embeds = embeds + torch.zeros_like(embeds).masked_scatter(query_mask[..., None], queries)
-        if images is not None:
-            length, device = input_ids.shape[1], input_ids.device
+        embeds = ops.deepstack_add(embeds, torch.cat(rows), queries)
+        if samples is not None:
             state = [
-                (torch.arange(b * length + p, b * length + p + len(self.embq.query_tokens), device=device),
-                 torch.tensor([b * length + i for i in text], dtype=torch.long, device=device), images[b])
-                for b, p, text in blocks if images[b] is not None
+                (block_rows, torch.tensor([b * length + i for i in text], dtype=torch.long, device=input_ids.device),
+                 samples[b][0])
+                for block_rows, (b, _, text) in zip(rows, blocks) if samples[b][0] is not None
             ]
             self._embq_state = state or None
         return embeds
 
-    def _query_blocks(self, input_ids, attention_mask, question_mask):
-        """[(sample, first position, question positions)] of every query block, computed on the host."""
-        q, image, n = self.config.query_token_id, self.config.image_token_id, self.config.num_query_tokens
+    def _query_blocks(self, input_ids, attention_mask=None, question_mask=None, first_image=None):
+        """[(sample, first position, question positions)] of every query block, computed on the host.
+
+        ``first_image``: per sample, the LLM tokens of its first image (None: no image; all None when not given).
+        """
+        config = self.config
+        q, image, n = config.query_token_id, config.image_token_id, config.num_query_tokens
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         for name, m in (("attention_mask", attention_mask), ("question_mask", question_mask)):
             if m is not None:
                 if m.shape != input_ids.shape:
                     raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, got {list(m.shape)}")
                 keep &= m.bool()
+        real = torch.ones_like(keep) if attention_mask is None else attention_mask.bool()
+        first_image = first_image or [None] * input_ids.shape[0]
         blocks = []
         for b, (ids, ok) in enumerate(zip(input_ids.tolist(), keep.tolist())):
-            start, run = 0, 0
+            if config.embq_without_image == "plain" and first_image[b] is None:
+                continue  # FlashSloth without an image: plain LLM, query tokens are ordinary tokens
+            own, start, run = [], 0, 0
             for i, token in enumerate(ids + [None]):
                 if token == q:
                     if run % n == 0:
-                        blocks.append((b, i, [j for j in range(start, i) if ok[j]]))
+                        own.append((b, i, [j for j in range(start, i) if ok[j]]))
                     run += 1
                     start = i + 1
                     continue
@@ -205,7 +293,46 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
                 run = 0
                 if token == image:
                     start = i + 1
+            if own and config.embq_question_start is not None:
+                # FlashSloth: counted in the unpadded sample from a fixed prompt length, past the first image and
+                # the newline after it, up to the first block; every block reads that span
+                unpadded = real[b].nonzero().squeeze(1).tolist()
+                lo = config.embq_question_start + (0 if first_image[b] is None else first_image[b] + 1)
+                text = [i for i in unpadded[lo:unpadded.index(own[0][1])] if ok[i]]
+                own = [(b, p, text) for b, p, _ in own]
+            blocks += own
         return blocks
+
+    def _mrope(self, input_ids, attention_mask, position_ids, visuals, second_per_grid_ts, embeds, cache):
+        """(position_ids for the LLM, M-RoPE positions [3, B, L]); prefill computes them from the ids and stores
+        the decoding offsets, later steps add those to the text positions."""
+        if position_ids is not None and position_ids.dim() == 3:  # [3, B, L] or [text; 3 axes]
+            return (position_ids[0] if position_ids.shape[0] == 4 else None), position_ids[-3:]
+        batch, length = embeds.shape[:2]
+        past = 0 if cache is None else cache.get_seq_length()
+        if input_ids is not None and past == 0:
+            grids = {}
+            for kind, token, pixels, grid in visuals:
+                llm = [self.compressor.llm_grid(*row) for row in self.vit_grids(grid)]
+                if kind == "video" and self.config.tokens_per_second is not None:
+                    seconds = [1.0] * len(llm) if second_per_grid_ts is None else torch.as_tensor(
+                        second_per_grid_ts).tolist()
+                    steps = [self.config.tokens_per_second * s for s in seconds]
+                else:
+                    steps = [1] * len(llm)
+                grids[token] = [(*row, step) for row, step in zip(llm, steps)]
+            rope, self._rope_deltas = mrope_positions(input_ids, attention_mask, grids)
+            return position_ids, rope
+        if position_ids is not None:
+            text = position_ids
+        elif attention_mask is not None:
+            text = attention_mask.long().cumsum(-1)[:, -length:] - 1
+        else:
+            text = torch.arange(past, past + length, device=embeds.device).expand(batch, -1)
+        deltas = self._rope_deltas
+        if past and deltas is not None and deltas.shape[0] == text.shape[0]:
+            text = text + deltas.to(text.device)
+        return position_ids, text[None].expand(3, -1, -1)
 
     def _embq_hook(self, module, args, kwargs):
         if self._embq_state is None:

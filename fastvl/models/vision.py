@@ -95,7 +95,9 @@ class NativeVisionTower(VisionTower):
 
     The patch embedding is a Linear over each row (equal to Qwen2-VL's Conv3d with stride = kernel).
     Each frame is one attention segment; with ``window_size`` the blocks outside
-    ``fullatt_block_indexes`` attend within windows of window_size pixels (Qwen2.5-VL).
+    ``fullatt_block_indexes`` attend within windows of window_size pixels (Qwen2.5-VL). With
+    ``input_patch_size`` each row is one merge window and the grid counts windows (SliMM
+    DeepStack-Efficient's processor): the rows are split into patch rows first.
     """
 
     def __init__(self, config):
@@ -105,11 +107,12 @@ class NativeVisionTower(VisionTower):
 
     def forward(self, pixel_values, grid_thw, taps=()):
         config, m = self.config, self.config.spatial_merge_size
-        if pixel_values.dim() != 2 or pixel_values.shape[1] != self.patch_embed.in_features:
-            raise ValueError(
-                f"pixel_values must have shape [tokens, {self.patch_embed.in_features}], got {list(pixel_values.shape)}"
-            )
+        row_size = self.patch_embed.in_features * config.input_unit ** 2
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != row_size:
+            raise ValueError(f"pixel_values must have shape [tokens, {row_size}], got {list(pixel_values.shape)}")
         grid_thw = grid_thw.cpu()
+        if config.input_unit > 1:
+            pixel_values, grid_thw = split_windows(pixel_values, grid_thw, config)
         rope_pos = ops.vision_positions(grid_thw, m)  # checks grid_thw
         rows = grid_thw.tolist()
         if rope_pos.shape[0] != pixel_values.shape[0]:
@@ -130,6 +133,25 @@ class NativeVisionTower(VisionTower):
             set(config.fullatt_block_indexes or ()),
         )
         return x[inverse], [t[inverse] for t in tapped], rows
+
+
+def split_windows(pixel_values, grid_thw, config):
+    """Rows of one merge window each, channel-major ``(C, T, m*p, m*p)`` in merge-window order over their grid
+    (SliMM DeepStack-Efficient's processor) -> rows of one patch in merge-window order over the m-times finer grid,
+    and that grid: the windows are put back in raster order, then each is cut into its m x m patches, which is the
+    merge-window order of the finer grid."""
+    m, p = config.spatial_merge_size, config.patch_size
+    c, t_patch = config.in_channels, config.temporal_patch_size
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+        raise ValueError(f"image_grid_thw must have shape [images, 3], got {list(grid_thw.shape)}")
+    rows = grid_thw.tolist()
+    if any(h % m or w % m or min(t, h, w) < 1 for t, h, w in rows) or grid_thw.prod(-1).sum() != pixel_values.shape[0]:
+        raise ValueError(f"image_grid_thw {rows} does not cover the {pixel_values.shape[0]} pixel rows in windows "
+                         f"of {m}x{m}")
+    images = pixel_values.split(grid_thw.prod(-1).tolist())
+    out = [x.reshape(t, h // m, w // m, m, m, c, t_patch, m, p, m, p).permute(0, 1, 3, 2, 4, 7, 9, 5, 6, 8, 10)
+           .reshape(-1, c * t_patch * p * p) for x, (t, h, w) in zip(images, rows)]
+    return torch.cat(out), grid_thw * torch.tensor([1, m, m])
 
 
 def window_order(rows, merge_size, window):
