@@ -64,15 +64,9 @@ class CMakeBuild(build_ext):
 
 
 def _tool(name):
-    """A build tool on PATH, else the one its PyPI package ships."""
-    found = shutil.which(name)
-    if found is None:
-        try:
-            module = __import__(name)
-            found = shutil.which(name, path=getattr(module, "BIN_DIR", None) or getattr(module, "CMAKE_BIN_DIR", None))
-        except ImportError:
-            pass
-    return found
+    """A build tool on PATH, else the one a PyPI package (cmake, ninja) put beside this interpreter."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return shutil.which(name) or (beside if os.access(beside, os.X_OK) else None)
 
 
 setup(
