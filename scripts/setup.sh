@@ -10,7 +10,7 @@ fi
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt)
 # The native CPU backend (fastvl._C, CMake) builds against the torch installed here: torch first, then
 # fastvl without an isolated build environment (which would fetch another torch). FASTVL_NATIVE=0 skips it.
-"${pip[@]}" torch "setuptools>=64"
+"${pip[@]}" torch "setuptools>=70.1"
 if ! command -v cmake >/dev/null; then
     "${pip[@]}" cmake ninja
 fi
