@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvl
+from fastvl import _native
 from fastvl.ops._dispatch import kernel_module
 from fastvl.reference.apply_rope_2d import rope_2d_angles
 from fastvl.testing import rel_err
@@ -56,6 +57,7 @@ PACKS_CUDA = {
 PACKS_CPU = {
     "cpu-200": [(8, 12), (6, 10), (4, 6), (2, 2)],
     "cpu-1k": [(24, 32), (16, 20), (10, 14)],
+    "cpu-2k": [(32, 32), (28, 28), (16, 24), (12, 12)],  # Qwen2-VL ViT: 4 images of 144-1024 patches
 }
 PACKS_QUICK = {"cpu-quick": [(6, 8), (4, 6), (2, 2)]}
 # FlashSloth's HD input: 5 crops of 27x27 SigLIP patches per image, 4 images
@@ -79,7 +81,9 @@ class Case:
 
     @property
     def name(self):
-        return f"{self.model} H={self.heads} D={self.head_dim}, {self.pack} ({len(self.grids)} images, {self.tokens} tok)"
+        bf16_cpu = self.dtype == torch.bfloat16 and torch.device(self.device).type == "cpu"
+        return (f"{self.model} H={self.heads} D={self.head_dim}, {self.pack} ({len(self.grids)} images, {self.tokens} tok)"
+                + (" bf16" if bf16_cpu else ""))
 
     @property
     def flop_fwd(self):
@@ -98,6 +102,8 @@ def cases(device, quick, only=None):
     dtype = torch.bfloat16 if cuda else torch.float32
     packs = PACKS_QUICK if quick else PACKS_CUDA if cuda else PACKS_CPU
     found = [Case(model, name, grids, device, dtype) for model in MODELS for name, grids in packs.items()]
+    if not cuda and not quick:  # the native backend's bf16 (fp32 math) against the HF path's
+        found.append(Case("qwen2vl-vit", "cpu-2k", PACKS_CPU["cpu-2k"], device, torch.bfloat16))
     if cuda and not quick:
         found += [Case("siglip-so400m", name, grids, device, dtype) for name, grids in SIGLIP_HD.items()]
     return [case for case in found if only is None or re.search(only, case.name)]
@@ -186,6 +192,12 @@ def _needs_module(module, what):
     return check
 
 
+def _native_cpu(device):
+    if device.type != "cpu":
+        return "native CPU backend: CPU tensors only"
+    return None if _native.available() else f"fastvl._C is not built ({_native.ERROR})"
+
+
 @dataclass
 class Impl:
     name: str
@@ -202,6 +214,7 @@ IMPLS = [
          "triton", ("varlen_attention",)),
     Impl("fastvl-unfused", _fastvl_unfused, _needs_cuda("Triton kernels (the interpreter is no performance number)"),
          "triton", ("apply_rope_2d", "varlen_attention")),
+    Impl("fastvl-native", _fastvl_fused, _native_cpu, "native", ("varlen_attention",)),
     Impl("hf-sdpa-loop", _hf_sdpa_loop),
     Impl("torch-varlen", _torch_varlen, _needs_module("torch.nn.attention.varlen", "varlen_attn (flash attention)")),
     Impl("flex", _flex, _needs_cuda("compiled FlexAttention")),
@@ -213,13 +226,13 @@ FUSED, UNFUSED = "fastvl-fused", ("fastvl-unfused", "torch-varlen", "flex", "fla
 
 
 def backend_used(impl, case):
-    """What fastvl ran for ``impl``: 'triton', or 'reference' where a kernel is missing; None for no fastvl op."""
+    """What fastvl ran for ``impl``: its backend, or 'reference' where a kernel is missing; None for no fastvl op."""
     if impl.backend in (None, "reference"):
         return impl.backend
     probe = torch.empty(0, device=case.device, dtype=case.dtype)
     with fastvl.use_backend(impl.backend):
         missing = [name for name in impl.kernels if kernel_module(name, probe) is None]
-    return "reference" if missing else "triton"
+    return "reference" if missing else impl.backend
 
 
 def steps(impl, case, seed=0):

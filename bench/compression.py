@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 import fastvl
+from fastvl import _native
 from fastvl.testing import rel_err
 
 from .common import (
@@ -199,10 +200,13 @@ def copy_bandwidth(device, warmup, repeat, nbytes=None):
 
 
 def _impls(case, cuda):
-    """(row name, fastvl backend or None, fn); the op runs as 'fastvl' (Triton, CUDA only) and 'reference'."""
+    """(row name, fastvl backend or None, fn); the op runs as 'fastvl' (Triton, CUDA only), 'fastvl-native'
+    (the native CPU backend, when built) and 'reference'."""
     found = [("reference", "reference", case.impls["op"])]
     if cuda:
         found.insert(0, ("fastvl", "triton", case.impls["op"]))
+    elif _native.available():
+        found.append(("fastvl-native", "native", case.impls["op"]))
     return found + [(name, None, fn) for name, fn in case.impls.items() if name != "op"]
 
 

@@ -1,12 +1,14 @@
 """Every public op at real model shapes: analytic FLOPs and bytes, and timings per available backend.
 
 On CUDA (bf16) the full shapes run on the Triton and reference backends. On CPU (fp32) the
-Triton kernels only run in the interpreter, which is no performance number: the reference is
-timed, on packs scaled down to keep the run short (the case label says which).
+Triton kernels only run in the interpreter, which is no performance number: the native backend
+(when built) and the reference are timed, on packs scaled down to keep the run short (the case
+label says which).
 """
 import torch
 
 import fastvl
+from fastvl import _native
 
 from .common import peak_memory_mb, time_ms
 
@@ -87,7 +89,7 @@ def run(device, quick):
     dtype = torch.bfloat16 if cuda else torch.float32
     pack = PACK_QUICK if quick else PACK_FULL if cuda else PACK_CPU
     merge_tokens = 64 if quick else 16384 if cuda else 1024
-    backends = ("triton", "reference") if cuda else ("reference",)
+    backends = ("triton", "reference") if cuda else ("native", "reference") if _native.available() else ("reference",)
     repeat = 2 if quick else 20 if cuda else 3
     rows = []
     for op, case, flop, nbytes, fwd, leaves in _cases(device, dtype, pack, merge_tokens, torch.Generator().manual_seed(0)):

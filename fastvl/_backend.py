@@ -2,7 +2,7 @@
 import contextlib
 import os
 
-BACKENDS = ("triton", "reference")
+BACKENDS = ("triton", "native", "reference")
 _override = None
 
 
@@ -17,7 +17,7 @@ def interpreting() -> bool:
 
 
 def set_backend(name: str | None) -> None:
-    """Force every op onto ``name`` ('triton' or 'reference'); None or 'auto' restores the automatic choice."""
+    """Force every op onto ``name`` ('triton', 'native' or 'reference'); None or 'auto' restores the automatic choice."""
     global _override
     _override = None if name is None else _check(name, "set_backend")
 
@@ -46,10 +46,16 @@ def resolve(device) -> str:
     """The backend an op runs on tensors of ``device``.
 
     Automatic: Triton for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1 (the
-    interpreter); the plain-PyTorch reference otherwise.
+    interpreter); else the native CPU backend (fastvl._C) when built; the plain-PyTorch reference otherwise.
     """
+    from . import _native
+
     forced = get_backend()
     on_cuda = getattr(device, "type", device) == "cuda"
+    on_cpu = getattr(device, "type", device) == "cpu"
+    if forced == "native" and not (on_cpu and _native.available()):
+        raise RuntimeError(f"backend 'native' needs CPU tensors and the built extension fastvl._C ({_native.ERROR})"
+                           if on_cpu else "backend 'native' runs CPU tensors only")
     if forced == "triton" and not (on_cuda or interpreting()):
         raise RuntimeError(
             "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before fastvl is imported "
@@ -57,4 +63,6 @@ def resolve(device) -> str:
         )
     if forced is not None:
         return forced
-    return "triton" if on_cuda or interpreting() else "reference"
+    if on_cuda or interpreting():
+        return "triton"
+    return "native" if on_cpu and _native.available() else "reference"

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fastvl import reference
+from fastvl import _native, reference
 from fastvl.bench import attention
 from fastvl.testing import assert_close, generator, randn
 
@@ -19,15 +19,15 @@ def test_quick_cpu_run(tmp_path):
     assert payload["environment"]["device"].startswith("cpu") and payload["environment"]["commit"]
     assert {s["model"] for s in payload["shapes"]} == set(attention.MODELS)
     timed = attention.measured(rows)
-    assert {(r["model"], r["impl"]) for r in timed} == {(m, i) for m in attention.MODELS for i in ("reference", "hf-sdpa-loop")}
+    impls = ("reference", "hf-sdpa-loop") + (("fastvl-native",) if _native.available() else ())
+    assert {(r["model"], r["impl"]) for r in timed} == {(m, i) for m in attention.MODELS for i in impls}
     for r in timed:
         assert TIMED <= r.keys(), TIMED - r.keys()
-        assert r["case"].endswith("[cpu]") and r["dtype"] == "float32" and r["backend"] in ("reference", None)
+        assert r["case"].endswith("[cpu]") and r["dtype"] == "float32" and r["backend"] in ("reference", "native", None)
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mb"] is None
         assert math.isclose(r["tflops_fwd_bwd"], 3.5 * r["gflop"] / r["fwd_bwd_ms"])  # GFLOP/ms = TFLOP/s
         assert r["rel_err"] < 1e-5, f"{r['impl']} disagrees with the reference: {r['rel_err']}"
-        other = "hf-sdpa-loop" if r["impl"] == "reference" else "reference"
-        assert set(r["speedup_vs"]) == {other}
+        assert set(r["speedup_vs"]) == set(impls) - {r["impl"]}
     # the Triton kernels are never timed through the interpreter; every other skip says why
     skipped = {r["impl"]: r["skipped"] for r in rows if "skipped" in r}
     assert {"fastvl-fused", "fastvl-unfused", "flex"} <= skipped.keys() and all(skipped.values())

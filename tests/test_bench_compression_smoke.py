@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fastvl import reference
+from fastvl import _native, reference
 from fastvl.bench import compression
 from fastvl.testing import assert_close, generator, randn
 
@@ -21,7 +21,7 @@ def test_quick_cpu_run(tmp_path):
         ("patch_merge", "reference"), ("patch_merge", "torch-module"),
         ("spatial_attention_pool", "reference"), ("spatial_attention_pool", "torch-module"),
         ("deepstack_add", "reference"), ("deepstack_add", "torch-index-put"), ("deepstack_add", "torch-index-add"),
-    }
+    } | ({(op, "fastvl-native") for op in compression.BUILDERS} if _native.available() else set())
     for r in rows:
         assert TIMED <= r.keys(), TIMED - r.keys()
         assert r["case"].endswith("[cpu]")

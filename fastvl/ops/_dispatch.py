@@ -4,17 +4,22 @@ import importlib
 
 import torch
 
+from .. import _native
 from .._backend import resolve
 
 
 def kernel_module(name, *tensors):
-    """The ``fastvl.kernels.<name>`` module when the Triton backend applies to these inputs, else None.
+    """The kernels of op ``name`` for these inputs: ``fastvl.kernels.<name>`` on the Triton backend, the
+    native CPU module (same interface) on the native one; None for the reference.
 
     float64 always runs the reference: the kernels compute in fp16/bf16/fp32.
     """
     first = tensors[0]
-    if resolve(first.device) != "triton" or any(t is not None and t.dtype == torch.float64 for t in tensors):
+    backend = resolve(first.device)
+    if backend == "reference" or any(t is not None and t.dtype == torch.float64 for t in tensors):
         return None
+    if backend == "native":
+        return _native.module(name)
     try:
         return importlib.import_module(f"fastvl.kernels.{name}")
     except ModuleNotFoundError as exc:
