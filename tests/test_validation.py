@@ -3,11 +3,14 @@
 Each case changes one argument of a valid call (test_valid_call_passes checks the valid calls), so the
 error can only come from that argument.
 """
+import warnings
+
 import pytest
 import torch
 
 import fastvl
-from fastvl.testing import cu_seqlens
+from fastvl import reference
+from fastvl.testing import assert_close, cu_seqlens
 
 F32 = torch.float32
 
@@ -97,8 +100,7 @@ CASES = {
     "attn-k-dtype": ("varlen_attention", dict(k=lambda a: a["k"].half()), TypeError, "^k .*dtype"),
     "attn-v-dtype": ("varlen_attention", dict(v=lambda a: a["v"].double()), TypeError, "^v .*dtype"),
     "attn-v-none": ("varlen_attention", dict(v=None), TypeError, "^v "),
-    "attn-head-dim-48": ("varlen_attention", head_dim(48), ValueError, "^q: head_dim 48"),
-    "attn-head-dim-100": ("varlen_attention", head_dim(100), ValueError, "^q: head_dim 100"),
+    "attn-head-dim-0": ("varlen_attention", head_dim(0), ValueError, "^q: head_dim must be >= 1"),
     "attn-k-head-dim": ("varlen_attention", dict(k=torch.randn(7, 2, 80)), ValueError, "^k "),
     "attn-v-heads": ("varlen_attention", dict(v=torch.randn(7, 1, 64)), ValueError, "^v "),
     "attn-v-tokens": ("varlen_attention", dict(v=torch.randn(6, 2, 64)), ValueError, "^v "),
@@ -302,11 +304,14 @@ CASES.update({
 
 
 def call(op, changes=None):
-    fn, make = OPS[op]
-    args = make()
+    args = OPS[op][1]()
     for name, value in (changes or {}).items():
         args[name] = value(args) if callable(value) else value
-    return fn(**args)
+    return call_with(op, args)
+
+
+def call_with(op, args):
+    return OPS[op][0](**args)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -343,3 +348,61 @@ def test_wrong_device_names_the_argument(op, name, match):
     args = {key: value.cuda() if isinstance(value, torch.Tensor) and key != name else value for key, value in make().items()}
     with pytest.raises(ValueError, match=match):
         fn(**args)
+
+
+# ---- inputs the Triton kernels do not cover: the reference runs them (warning once), or a forced 'triton' refuses
+
+BF16_CASES = {  # op -> argument the refusal names
+    "varlen_attention": "q", "apply_rope_2d": "x", "patch_merge": "x", "spatial_attention_pool": "x",
+    "deepstack_add": "hidden", "deepstack_add_": "hidden",
+}
+
+
+def bf16(op):
+    """The valid arguments of ``op`` in bfloat16 (a fresh copy per call)."""
+    torch.manual_seed(0)
+    return {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in OPS[op][1]().items()}
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(fastvl._backend, "_warned", set())
+
+
+@pytest.mark.parametrize("dim", [8, 16, 48])
+def test_reference_runs_any_head_dim(dim):
+    args = {name: t.double() for name, t in head_dim(dim).items()}
+    cu = cu_seqlens([3, 4])
+    out = fastvl.varlen_attention(**args, cu_seqlens_q=cu, causal=True)
+    assert_close(out, reference.varlen_attention(*args.values(), cu, causal=True))
+
+
+def test_forced_triton_names_what_it_does_not_cover(triton_backend):
+    with pytest.raises(ValueError, match=r"^q: head_dim 48 has no Triton kernel \(head dims \(64, 72, 80, 96, 128\)\)"):
+        fastvl.varlen_attention(**head_dim(48), cu_seqlens_q=cu_seqlens([3, 4]))
+    if not fastvl._backend.interpreting():
+        return
+    for op, name in BF16_CASES.items():
+        with pytest.raises(TypeError, match=f"^{name}: bfloat16 on CPU"):
+            call_with(op, bf16(op))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the automatic backend runs CPU tensors in the interpreter")
+def test_automatic_backend_runs_the_reference_and_warns_once(fresh_warnings):
+    def head_dim_16():
+        torch.manual_seed(0)
+        return {**attention_args(), **head_dim(16)}
+
+    # deepstack_add_ shares deepstack_add's kernel, hence its (already given) warning
+    cases = [(op, lambda op=op: bf16(op)) for op in BF16_CASES if op != "deepstack_add_"]
+    cases.append(("varlen_attention", head_dim_16))
+    for op, make in cases:
+        with fastvl.use_backend("reference"):
+            expected = call_with(op, make())
+        with fastvl.use_backend(None):
+            with pytest.warns(fastvl.FallbackWarning, match=f"^{op}: .*running the reference"):
+                out = call_with(op, make())
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # once
+                call_with(op, make())
+        assert torch.equal(out, expected), op
