@@ -30,9 +30,9 @@ TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=
 GRID = torch.tensor([[1, 6, 10], [1, 4, 4], [1, 2, 6]])
 
 
-def tiny_qwen2_vl(depth=2, heads=2):
+def tiny_qwen2_vl(depth=2):
     vision = dict(
-        depth=depth, embed_dim=128, hidden_size=128, num_heads=heads, mlp_ratio=2, patch_size=PATCH,
+        depth=depth, embed_dim=128, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=PATCH,
         temporal_patch_size=TEMPORAL, spatial_merge_size=MERGE,
     )
     config = transformers.Qwen2VLConfig(text_config=TEXT, vision_config=vision, **TOKENS)
@@ -215,8 +215,6 @@ def test_unsupported_models_and_inputs():
     text_only = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**TEXT, "rope_parameters": None}))
     with pytest.raises(TypeError, match="model.*Qwen2ForCausalLM"):
         fastvl.patch(text_only)
-    with pytest.raises(ValueError, match="head_dim 32"):
-        fastvl.patch(tiny_qwen2_vl(heads=4))
     model = fastvl.patch(tiny_qwen2_vl())
     with pytest.raises(TypeError, match="cu_seqlens"):
         model.model.visual(pixels(GRID), grid_thw=GRID, cu_seqlens=torch.zeros(4, dtype=torch.int32))
@@ -253,16 +251,6 @@ def test_vision_tower_on_the_kernels(name, device, triton_backend):
     assert_close(out.cpu(), ref, tol=tol, name="merged tokens")
     for (key, p), q in zip(model.model.visual.named_parameters(), reference.model.visual.parameters()):
         assert_close(p.grad.cpu(), q.grad, tol=tol, name=f"{key}.grad")
-
-
-@pytest.mark.slow
-def test_compiled_tower_matches_transformers():
-    """torch.compile traces the blocks and the ops; only the host-side layout stays eager."""
-    reference = tiny_qwen2_5_vl()
-    model = fastvl.patch(copy.deepcopy(reference))
-    x = pixels(GRID)
-    out = torch.compile(model.model.visual)(x, grid_thw=GRID).pooler_output
-    assert_close(out, reference.model.visual(x, grid_thw=GRID).pooler_output, tol=ROPE_TOL)
 
 
 @pytest.mark.gpu

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._backend import report_reference
 from ..ops import varlen_attention
 from ._host import to_device
 
@@ -51,6 +52,8 @@ def fastvl_attention(module, query, key, value, attention_mask, scaling=None, dr
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     batch, heads, tq, dim = query.shape
     tk = key.shape[2]
+    if not torch.compiler.is_compiling():
+        report_reference(query.device, f'attn_implementation="{NAME}"')
     q = query.transpose(1, 2).reshape(batch * tq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * tk, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * tk, value.shape[1], dim)

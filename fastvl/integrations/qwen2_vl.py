@@ -19,7 +19,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..ops import _checks as check
+from .._backend import report_reference
 from ..ops import patch_merge, varlen_attention, vision_positions
 from ._host import to_device
 
@@ -96,6 +96,8 @@ def _vision_forward(self, hidden_states, grid_thw, **kwargs):
     windowed = isinstance(self, Qwen2_5_VisionTransformerPretrainedModel)
     m = self.spatial_merge_size
     window = self.window_size // m // self.patch_size if windowed else None
+    if not torch.compiler.is_compiling():
+        report_reference(hidden_states.device, "fastvl.patch (vision tower)")
     layout = vision_layout(grid_thw, m, window, device=hidden_states.device)
     hidden_states = self.patch_embed(hidden_states)
     if windowed:
@@ -147,11 +149,6 @@ def is_patched(tower) -> bool:
 
 def patch_tower(tower):
     """Bind the fastvl forwards to ``tower`` and to its blocks' attention modules (idempotent)."""
-    for block in tower.blocks:
-        if block.attn.head_dim not in check.HEAD_DIMS:
-            raise ValueError(
-                f"model: vision head_dim {block.attn.head_dim} is not supported; expected one of {check.HEAD_DIMS}"
-            )
     if is_patched(tower):
         return
     tower.forward = types.MethodType(_vision_forward, tower)
