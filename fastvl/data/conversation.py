@@ -197,7 +197,10 @@ def tokenize_conversation(conversation, tokenizer, template, num_image_tokens=()
 
 
 def _grid_rows(image_grid_thw):
-    grid = torch.as_tensor(image_grid_thw, dtype=torch.int64)
+    grid = torch.as_tensor(image_grid_thw)
+    if grid.numel() and (grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool):
+        raise TypeError(f"image_grid_thw must hold integers, got {image_grid_thw!r}")
+    grid = grid.to(torch.int64)
     if grid.numel() and (grid.dim() != 2 or grid.shape[1] != 3 or (grid <= 0).any()):
         raise ValueError(f"image_grid_thw must be [n_images, 3] rows of positive (t, h, w), got {image_grid_thw!r}")
     return grid.tolist() if grid.numel() else []
@@ -214,6 +217,9 @@ def image_token_counts(image_grid_thw, compressor, merge_size=2, window=3):
     - ``sap`` (FlashSloth's spatial attention pooling, one row per crop): one per window x window patches,
       edge windows included, ``t*ceil(h/3)*ceil(w/3)``: 27x27 -> 81, i.e. 405 for the 5 crops of an HD image.
     """
+    for name, value in (("merge_size", merge_size), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if compressor == "sap":
         return [t * math.ceil(h / window) * math.ceil(w / window) for t, h, w in _grid_rows(image_grid_thw)]
     cells = {"none": 1, "patch_merge": merge_size, "deepstack_midlayers": merge_size,
