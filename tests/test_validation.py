@@ -3,14 +3,23 @@
 Each case changes one argument of a valid call (test_valid_call_passes checks the valid calls), so the
 error can only come from that argument.
 """
+import inspect
+import math
+import os
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastvl
 from fastvl import reference
-from fastvl.testing import assert_close, cu_seqlens
+from fastvl.testing import TOLERANCE, assert_close, cu_seqlens
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 F32 = torch.float32
 
@@ -153,6 +162,8 @@ CASES = {
     "attn-rope-rows": ("varlen_attention", dict(rope_pos=torch.zeros(6, 2, dtype=torch.int32)),
         ValueError, "^rope_pos .*shape"),
     "attn-rope-1d": ("varlen_attention", dict(rope_pos=torch.zeros(14, dtype=torch.int32)), ValueError, "^rope_pos "),
+    "attn-rope-head-dim": ("varlen_attention", dict(**head_dim(6), rope_pos=torch.zeros(7, 2, dtype=torch.int32)),
+        ValueError, "^rope_pos: 2D RoPE needs a head_dim multiple of 4"),
     "attn-rope-stride": ("varlen_attention", dict(rope_pos=torch.zeros(7, 4, dtype=torch.int32)[:, ::2]),
         ValueError, "^rope_pos .*stride"),
     # cross-attention
@@ -406,3 +417,233 @@ def test_automatic_backend_runs_the_reference_and_warns_once(fresh_warnings):
                 warnings.simplefilter("error")  # once
                 call_with(op, make())
         assert torch.equal(out, expected), op
+
+
+# ---- classes of hostile input, generated: each op returns what the reference returns (the automatic backend: the
+# kernels, in the interpreter on CPU) or raises a ValueError/TypeError naming one of its arguments
+
+INT_VALUES = [0, -1, 1, 2**31 - 1, 2**31, 2**63, 2**70, -2**70, True, 2.0, "2", None, np.int64(3), torch.tensor(2)]
+FLOAT_VALUES = [0.0, -0.0, -1.0, math.nan, math.inf, -math.inf, 1e-300, 1e300, 10**400, True, "1", None, np.float32(0.5),
+                torch.tensor(0.5)]
+OTHER_VALUES = [None, "", 0, 1, "x", 3.5, np.bool_(True)]
+SCALARS = {  # the non-tensor arguments of each op
+    "varlen_attention": ("max_seqlen_q", "max_seqlen_k", "causal", "softmax_scale", "rope_theta"),
+    "varlen_attention-rope": ("max_seqlen_q", "causal", "softmax_scale", "rope_theta"),
+    "varlen_attention-cross": ("max_seqlen_q", "max_seqlen_k", "causal"),
+    "apply_rope_2d": ("theta",), "patch_merge": ("merge_size", "eps", "norm"), "spatial_attention_pool": ("window",),
+    "deepstack_add": (), "deepstack_add_": (), "deepstack_groups": ("order",), "deepstack_index": ("order",),
+    "vision_positions": ("merge_size",),
+}
+INT_SCALARS = {"max_seqlen_q", "max_seqlen_k", "merge_size", "window"}
+FLOAT_SCALARS = {"softmax_scale", "rope_theta", "theta", "eps"}
+DTYPES = [torch.bool, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32,
+          torch.float64, torch.complex64]
+EXTREMES = [2**31 - 1, -2**31, -1, 0, 1000]
+SKIP = {
+    ("deepstack_add_", "hidden", "expanded"),  # rows overlapping in memory: the in-place op's own contract
+    # open gaps of the kernels: RoPE angles of positions near +-2^31, SAP windows over 1024 tokens a side, scores
+    # (q.k * scale) beyond the float32 range
+    *((op, arg, f"value-{v}") for op, arg in (("apply_rope_2d", "pos"), ("varlen_attention-rope", "rope_pos"))
+      for v in (2**31 - 1, -2**31)),
+    ("spatial_attention_pool", "window", repr(2**31 - 1)),
+    *((op, "softmax_scale", repr(1e300)) for op in ("varlen_attention", "varlen_attention-rope")),
+}
+
+
+def rope_attention_args():
+    return {**attention_args(), "rope_pos": torch.randint(0, 50, (7, 2), dtype=torch.int32)}
+
+
+HOSTILE_OPS = {**OPS, "varlen_attention-rope": (fastvl.varlen_attention, rope_attention_args)}
+
+
+def tensor_mutations(t):
+    """name -> callable(t) of the ways a tensor argument goes wrong (or stays valid in an unusual layout)."""
+    out = {"none": lambda t: None, "list": lambda t: t.tolist(), "numpy": lambda t: t.numpy(),
+           "unsqueeze": lambda t: t[None], "flatten": lambda t: t.reshape(-1) if t.dim() > 1 else t.reshape(1, -1),
+           "last-stride": lambda t: torch.stack([t, t], -1).flatten(-2)[..., ::2] if t.dim() else t,
+           "first-stride": lambda t: torch.stack([t, t], 1).flatten(0, 1)[::2] if t.dim() else t,
+           "expanded": lambda t: t[:1].expand(t.shape) if t.dim() and t.shape[0] else t}
+    out.update({f"dtype-{str(d)[6:]}": lambda t, d=d: t.to(d) for d in DTYPES})
+    for d in range(t.dim()):
+        out[f"empty-{d}"] = lambda t, d=d: t.narrow(d, 0, 0)
+        out[f"grow-{d}"] = lambda t, d=d: torch.cat([t, t.narrow(d, 0, min(1, t.shape[d]))], d)
+    if not t.is_floating_point() and t.numel():
+        out.update({f"value-{v}": lambda t, v=v: t.flatten().index_fill(0, torch.tensor([t.numel() // 2]), v)
+                    .view(t.shape) for v in EXTREMES})
+    return out
+
+
+def hostile_cases(op):
+    """(argument, mutation name, new value or callable) of every class of hostile input for op."""
+    cases = []
+    for name, value in HOSTILE_OPS[op][1]().items():
+        if isinstance(value, torch.Tensor):
+            cases += [(name, m, fn) for m, fn in tensor_mutations(value).items() if (op, name, m) not in SKIP]
+    for name in SCALARS[op]:
+        values = INT_VALUES if name in INT_SCALARS else FLOAT_VALUES if name in FLOAT_SCALARS else OTHER_VALUES
+        cases += [(name, repr(v), v) for v in values if (op, name, repr(v)) not in SKIP]
+    return cases
+
+
+def outcome(op, args):
+    """The op's result, or the class of the ValueError/TypeError it raised (which must name an argument)."""
+    fn = HOSTILE_OPS[op][0]
+    names = "|".join(inspect.signature(fn).parameters)
+    try:
+        return fn(**args)
+    except (ValueError, TypeError) as exc:
+        assert re.match(rf"^({names})\b", str(exc)), f"{op}: the error names no argument: {exc}"
+        return ValueError
+
+
+def assert_same_outcome(op, out, ref):
+    """out (automatic backend) as ref (reference backend): both named errors, or the same values."""
+    if ref is ValueError or out is ValueError:
+        assert out is ref, f"{op}: {'only the reference' if ref is ValueError else 'only the kernel'} raised"
+        return
+    assert out.shape == ref.shape and out.dtype == ref.dtype, f"{op}: {out.shape} {out.dtype} vs {ref.shape} {ref.dtype}"
+    out = out.cpu()
+    if not ref.is_floating_point():
+        assert torch.equal(out, ref), op
+        return
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), finite), f"{op}: non-finite values differ from the reference"
+    assert_close(out[finite], ref[finite], tol=TOLERANCE[ref.dtype] if ref.dtype != torch.float32 else 1e-4, name=op)
+
+
+def run_both(op, make):
+    """``make()`` builds fresh arguments (the in-place op changes them) for each backend."""
+    with fastvl.use_backend("reference"):
+        ref = outcome(op, make())
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make().items()}
+    with fastvl.use_backend(None), warnings.catch_warnings():
+        warnings.simplefilter("ignore", fastvl.FallbackWarning)
+        out = outcome(op, args)
+    assert_same_outcome(op, out, ref)
+
+
+# FASTVL_HOSTILE_EXAMPLES=500 (and derandomised no more: a new seed each run) explores further than CI does
+HOSTILE = settings(max_examples=int(os.environ.get("FASTVL_HOSTILE_EXAMPLES", 12)), deadline=None,
+                   derandomize="FASTVL_HOSTILE_EXAMPLES" not in os.environ, database=None,
+                   suppress_health_check=list(HealthCheck))
+
+
+@pytest.mark.parametrize("op", HOSTILE_OPS)
+@HOSTILE
+@given(data=st.data())
+def test_hostile_arguments(op, data):
+    """One argument of a valid call replaced by a member of a hostile class: a wrong type or dtype, an empty or
+    grown dimension, a strided or expanded (stride 0) layout, an extreme integer, a non-finite or huge scalar."""
+    name, mutation, change = data.draw(st.sampled_from(hostile_cases(op)), label="case")
+
+    def make():
+        torch.manual_seed(0)
+        args = HOSTILE_OPS[op][1]()
+        args[name] = change(args[name]) if callable(change) and not isinstance(change, torch.Tensor) else change
+        return args
+
+    run_both(op, make)
+
+
+def _floats(*shape, dtype):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
+def _lengths(draw, most=3):
+    return draw(st.lists(st.integers(0, 9), max_size=most))
+
+
+def degenerate_attention(draw, dtype):
+    q_lengths = _lengths(draw)
+    cross = draw(st.booleans())
+    k_lengths = [draw(st.integers(0, 9)) for _ in q_lengths] if cross else q_lengths
+    kv_heads, group = draw(st.integers(1, 2)), draw(st.integers(0, 2))  # group 0: q without heads
+    dim = draw(st.sampled_from([1, 4, 8, 64, 80]))
+    tq, tk = sum(q_lengths), sum(k_lengths)
+    args = dict(q=_floats(tq, kv_heads * group, dim, dtype=dtype), k=_floats(tk, kv_heads, dim, dtype=dtype),
+                v=_floats(tk, kv_heads, dim, dtype=dtype), cu_seqlens_q=cu_seqlens(q_lengths),
+                causal=draw(st.booleans()))
+    if cross:
+        args["cu_seqlens_k"] = cu_seqlens(k_lengths)
+    elif dim % 4 == 0 and draw(st.booleans()):
+        args["rope_pos"] = torch.randint(0, 30, (tq, 2), dtype=torch.int32)
+    return args
+
+
+def degenerate_rope(draw, dtype):
+    tokens, heads, dim = draw(st.integers(0, 9)), draw(st.integers(0, 3)), draw(st.sampled_from([4, 8, 12, 64]))
+    return dict(x=_floats(tokens, heads, dim, dtype=dtype), pos=torch.randint(0, 30, (tokens, 2), dtype=torch.int32))
+
+
+def degenerate_merge(draw, dtype):
+    m, rows, channels = draw(st.integers(1, 3)), draw(st.integers(0, 3)), draw(st.integers(1, 9))
+    hidden, out = draw(st.integers(1, 7)), draw(st.integers(1, 5))
+    norm = draw(st.sampled_from(["layernorm", "rmsnorm"]))
+    return dict(x=_floats(rows * m * m, channels, dtype=dtype), ln_w=_floats(channels, dtype=dtype),
+                ln_b=_floats(channels, dtype=dtype) if norm == "layernorm" else None,
+                w1=_floats(hidden, m * m * channels, dtype=dtype), b1=_floats(hidden, dtype=dtype),
+                w2=_floats(out, hidden, dtype=dtype), b2=_floats(out, dtype=dtype), merge_size=m, norm=norm)
+
+
+def degenerate_sap(draw, dtype):
+    grids = draw(st.lists(st.tuples(st.integers(1, 7), st.integers(1, 7)), max_size=3))
+    channels, hidden = draw(st.integers(1, 9)), draw(st.integers(1, 7))
+    tokens = sum(h * w for h, w in grids)
+    return dict(x=_floats(tokens, channels, dtype=dtype), grid_hw=torch.tensor(grids, dtype=torch.int64).reshape(-1, 2),
+                w1=_floats(hidden, channels, dtype=dtype), b1=_floats(hidden, dtype=dtype),
+                w2=_floats(1, hidden, dtype=dtype), b2=_floats(1, dtype=dtype), window=draw(st.integers(1, 8)))
+
+
+def degenerate_deepstack(draw, dtype):
+    batch, length, channels = draw(st.integers(1, 3)), draw(st.integers(0, 6)), draw(st.integers(1, 9))
+    count = draw(st.integers(0, batch * length))
+    return dict(hidden=_floats(batch, length, channels, dtype=dtype), index=torch.randperm(batch * length)[:count],
+                stacked=_floats(count, channels, dtype=dtype))
+
+
+def _grid(draw, multiple):
+    return torch.tensor(draw(st.lists(st.tuples(st.integers(1, 2), st.integers(1, 3).map(lambda v: v * multiple),
+                                                st.integers(1, 3).map(lambda v: v * multiple)), max_size=3)),
+                        dtype=torch.int64).reshape(-1, 3)
+
+
+def degenerate_groups(draw, dtype):
+    grid = _grid(draw, 4)
+    return dict(x=_floats(int(grid.prod(-1).sum()) // 4, draw(st.integers(0, 5)), dtype=dtype), grid_thw=grid,
+                order=draw(st.sampled_from(["spatial", "slimm"])))
+
+
+def degenerate_positions(draw, dtype):
+    m = draw(st.integers(1, 3))
+    return dict(grid_thw=_grid(draw, m), merge_size=m)
+
+
+DEGENERATE = {
+    "varlen_attention": degenerate_attention, "apply_rope_2d": degenerate_rope, "patch_merge": degenerate_merge,
+    "spatial_attention_pool": degenerate_sap, "deepstack_add": degenerate_deepstack,
+    "deepstack_add_": degenerate_deepstack, "deepstack_groups": degenerate_groups,
+    "deepstack_index": lambda draw, dtype: {k: v for k, v in degenerate_groups(draw, dtype).items() if k != "x"},
+    "vision_positions": degenerate_positions,
+}
+
+
+@pytest.mark.parametrize("op", DEGENERATE)
+@HOSTILE
+@given(data=st.data())
+def test_empty_and_degenerate_shapes(op, data):
+    """Valid calls at the edges of the contract (no segments or empty ones, zero heads or tokens, one channel,
+    windows larger than the grid, head dims without a kernel) in every dtype: the reference's result."""
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]), label="dtype")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    torch.manual_seed(seed)
+    args = DEGENERATE[op](data.draw, dtype)
+
+    def make():
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+    run_both(op, make)
+
+
+def test_every_op_has_hostile_and_degenerate_cases():
+    assert {name.split("-")[0] for name in HOSTILE_OPS} == set(DEGENERATE) == set(fastvl.ops.__all__)

@@ -57,6 +57,8 @@ def varlen_attention(
     if rope_pos is not None:
         check.tensor("rope_pos", rope_pos, dtypes=(torch.int32,), ndim=2, device=device)
         check.shape("rope_pos", rope_pos, (tq, 2))
+        if dim % 4:
+            raise ValueError(f"rope_pos: 2D RoPE needs a head_dim multiple of 4, q has {dim}")
         if not self_attention and cu_seqlens_k is not cu_seqlens_q:
             raise ValueError("rope_pos needs self-attention: leave cu_seqlens_k as None")
     out, _ = torch.ops.fastvl.varlen_attention(
