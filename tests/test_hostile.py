@@ -55,6 +55,15 @@ def test_float_image_with_non_finite_pixels(value):
         NativeResolutionProcessor()([Image.fromarray(x, "F")])
 
 
+@pytest.mark.parametrize("processor", [NativeResolutionProcessor, FixedResolutionProcessor])
+def test_truncated_image_file(processor):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(buffer, "PNG")
+    image = Image.open(io.BytesIO(buffer.getvalue()[:60]))
+    with pytest.raises(ValueError, match=r"^images\[0\]: cannot decode"):
+        processor()([image])
+
+
 @pytest.mark.parametrize("processor, names", [
     (NativeResolutionProcessor, ("image_mean", "image_std")), (FixedResolutionProcessor, ("mean", "std")),
 ])

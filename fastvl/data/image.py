@@ -49,6 +49,10 @@ def to_pil(image, name="images"):
     """An RGB PIL image from a PIL image (any mode; transparency composited onto white, as transformers does;
     16-bit and float images scaled to 8 bits, see ``_to_8bit``) or an HWC uint8 numpy array with 3 channels."""
     if isinstance(image, Image.Image):
+        try:
+            image.load()
+        except OSError as exc:  # a truncated or corrupt file, decoded lazily
+            raise ValueError(f"{name}: cannot decode the image ({exc})") from None
         if image.mode in ("I", "F") or image.mode.startswith("I;16"):
             image = _to_8bit(image, name)
         if "A" in image.getbands() or "transparency" in image.info:
