@@ -79,7 +79,7 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 def _forward_(hidden: Tensor, index: Tensor, stacked: Tensor) -> None:
     kernel = kernel_module("deepstack_add", hidden, arg="hidden")
     if kernel is not None:
-        kernel.forward_(hidden, index, stacked)
+        kernel.forward(hidden, index, stacked, inplace=True)
     else:
         hidden.copy_(reference.deepstack_add(hidden, index, stacked))
 
