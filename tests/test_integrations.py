@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import fastvl  # noqa: E402
 from fastvl.integrations import attention, qwen2_vl  # noqa: E402
-from fastvl.testing import TF32_TOLERANCE, TOLERANCE, assert_close, generator, randn, rel_err  # noqa: E402
+from fastvl.testing import TF32_TOLERANCE, TOLERANCE, assert_close, cu_seqlens, generator, randn, rel_err  # noqa: E402
 
 ROPE_TOL = 1e-6  # float64 models, fp32 RoPE tables in transformers
 PATCH, TEMPORAL, MERGE = 4, 2, 2
@@ -331,7 +331,7 @@ def test_lm_packed_sequences(lms, monkeypatch):
     assert_close(fast(ids, position_ids=positions, use_cache=False).logits, separate, name="packed by position_ids")
     assert len(builds) == 1, "the segments must be read once per forward, not once per layer"
     assert_close(sdpa(ids, position_ids=positions, use_cache=False).logits, separate, name="sdpa, packed")
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = cu_seqlens(lengths)
     packed = fast(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                   max_length_q=max(lengths), max_length_k=max(lengths)).logits
     assert_close(packed, separate, name="packed by cu_seq_lens")

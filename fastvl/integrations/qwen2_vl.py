@@ -8,11 +8,9 @@ Weights stay in the original modules; only ``forward`` of the tower and of each 
 is replaced, on the instances.
 """
 import types
-from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
@@ -20,71 +18,12 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .._backend import report_reference
-from ..ops import patch_merge, varlen_attention, vision_positions
-from ._host import to_device
+from ..layout import vision_layout
+from ..ops import patch_merge, varlen_attention
 
 TOWERS = (Qwen2VisionTransformerPretrainedModel, Qwen2_5_VisionTransformerPretrainedModel)
 # inputs transformers lets callers precompute; the patched tower derives them from grid_thw itself
 _PRECOMPUTED = ("cu_seqlens", "max_seqlen", "position_ids", "window_index", "cu_window_seqlens", "max_window_seqlen")
-
-
-class VisionLayout(NamedTuple):
-    """How a packed batch of images runs through the tower; built once per forward."""
-
-    positions: Tensor  # [T, 2] int32 (row, col) of each token, in the tower's token order
-    cu_seqlens: Tensor  # int32 [frames + 1]: one attention segment per image frame
-    max_seqlen: int
-    cu_window_seqlens: Optional[Tensor] = None  # int32: Qwen2.5-VL's window segments
-    max_window_seqlen: Optional[int] = None
-    window_index: Optional[Tensor] = None  # window order of the merge groups (m*m consecutive tokens)
-    reverse_index: Optional[Tensor] = None  # its inverse: merged tokens back to image order
-
-
-@torch.compiler.disable  # host-side index work: torch.compile runs it as is
-def vision_layout(grid_thw, merge_size, window=None, device=None) -> VisionLayout:
-    """The layout of ``grid_thw`` [N, 3] (t, h, w patches per image); ``window``: merged tokens per
-    window side for Qwen2.5-VL window attention, None for Qwen2-VL.
-
-    Reads ``grid_thw`` once (the only host sync of a forward) and ships the result to ``device``
-    in one copy.
-    """
-    device = grid_thw.device if device is None else device
-    grid = grid_thw.to("cpu", torch.int64)
-    unit = merge_size * merge_size
-    positions = vision_positions(grid, merge_size)
-    frames = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0])
-    cu_seqlens = F.pad(frames.cumsum(0), (1, 0)).to(torch.int32)
-    max_seqlen = int(frames.max()) if frames.numel() else 0
-    if window is None:
-        return VisionLayout(*to_device(device, positions, cu_seqlens), max_seqlen)
-    order, lengths = _window_order(grid, merge_size, window)
-    positions = positions.view(-1, unit, 2)[order].view(-1, 2)
-    cu_windows = F.pad(lengths.cumsum(0) * unit, (1, 0)).to(torch.int32)
-    max_window = int(lengths.max()) * unit if lengths.numel() else 0
-    positions, cu_seqlens, cu_windows, order, reverse = to_device(
-        device, positions, cu_seqlens, cu_windows, order, torch.argsort(order)
-    )
-    return VisionLayout(positions, cu_seqlens, max_seqlen, cu_windows, max_window, order, reverse)
-
-
-def _window_order(grid, merge_size, window):
-    """Merge groups in window order: per frame, windows of window x window merged tokens tile the
-    merged grid row-major (edge windows are partial), tokens row-major inside a window.
-
-    Returns (order [groups], tokens-per-window [windows]) in merge groups.
-    """
-    orders, lengths, offset = [], [], 0
-    for t, h, w in grid.tolist():
-        h, w = h // merge_size, w // merge_size
-        rows, cols = -(-h // window), -(-w // window)
-        index = torch.arange(t * h * w).view(t, h, w)
-        index = F.pad(index, (0, cols * window - w, 0, rows * window - h), value=-1)
-        index = index.view(t, rows, window, cols, window).transpose(2, 3).reshape(-1, window * window)
-        valid = index >= 0
-        orders.append(index[valid] + offset)
-        lengths.append(valid.sum(1))
-        offset += t * h * w
-    return torch.cat(orders), torch.cat(lengths)
 
 
 @merge_with_config_defaults
