@@ -4,12 +4,12 @@ Each compressor owns its projector to the LLM width and exposes
 ``forward(tokens, taps, rows) -> (main [L, D], stacked [S, L, D] or None)`` and
 ``tokens_per_grid(t, h, w)``, the LLM tokens of one grid row.
 """
-import math
 
 import torch
 from torch import nn
 
 from .. import ops
+from ..data.conversation import image_token_counts
 from ..nn import PatchMerger, SpatialAttentionPool
 
 
@@ -47,7 +47,7 @@ class Project(nn.Module):
         self.projector = mlp2x_gelu(config.vision_config.embed_dim, config.text_config.hidden_size)
 
     def tokens_per_grid(self, t, h, w):
-        return t * h * w
+        return image_token_counts([[t, h, w]], "none")[0]
 
     def forward(self, x, taps, rows):
         return self.projector(x), None
@@ -66,7 +66,7 @@ class SpatialPool(nn.Module):
         self.projector = mlp2x_gelu(vision.embed_dim, config.text_config.hidden_size)
 
     def tokens_per_grid(self, t, h, w):
-        return t * math.ceil(h / self.window) * math.ceil(w / self.window)
+        return image_token_counts([[t, h, w]], "sap", window=self.window)[0]
 
     def forward(self, x, taps, rows):
         if self.merge_size is not None:
@@ -81,13 +81,13 @@ class Merge(nn.Module):
     def __init__(self, config):
         super().__init__()
         vision = config.vision_config
-        self.unit = vision.spatial_merge_size ** 2
+        self.merge_size = vision.spatial_merge_size
         self.merger = PatchMerger(
             vision.embed_dim, config.text_config.hidden_size, vision.spatial_merge_size, norm=vision.norm
         )
 
     def tokens_per_grid(self, t, h, w):
-        return t * h * w // self.unit
+        return image_token_counts([[t, h, w]], "patch_merge", merge_size=self.merge_size)[0]
 
     def forward(self, x, taps, rows):
         return self.merger(x), None
@@ -126,7 +126,7 @@ class DeepStackEfficient(nn.Module):
         self.merger_deepstack = PatchMerger(dim, out, 2 * m, hidden_dim=m * m * dim, norm=vision.norm)
 
     def tokens_per_grid(self, t, h, w):
-        return t * h * w // (2 * self.merge_size) ** 2
+        return image_token_counts([[t, h, w]], "deepstack_efficient", merge_size=self.merge_size)[0]
 
     def forward(self, x, taps, rows):
         m = 2 * self.merge_size
