@@ -10,6 +10,11 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, tor
 TF32_TOLERANCE = 2e-3
 
 
+def tolerance(dtype, device="cpu") -> float:
+    """The rel_err bound of a kernel computing in ``dtype`` on ``device``: fp32 dots run as tf32 on CUDA."""
+    return TF32_TOLERANCE if dtype == torch.float32 and torch.device(device).type == "cuda" else TOLERANCE[dtype]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (inf when out has NaN/inf, 0 for two empty tensors)."""
     out, ref = out.double(), ref.double()

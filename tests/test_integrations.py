@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import fastvl  # noqa: E402
 from fastvl.integrations import attention, qwen2_vl  # noqa: E402
-from fastvl.testing import TF32_TOLERANCE, TOLERANCE, assert_close, cu_seqlens, generator, randn, rel_err  # noqa: E402
+from fastvl.testing import assert_close, cu_seqlens, generator, randn, rel_err, tolerance  # noqa: E402
 
 ROPE_TOL = 1e-6  # float64 models, fp32 RoPE tables in transformers
 PATCH, TEMPORAL, MERGE = 4, 2, 2
@@ -247,7 +247,7 @@ def test_vision_tower_on_the_kernels(name, device, triton_backend):
     out = model.model.visual(x.to(device), grid_thw=GRID.to(device)).pooler_output
     ref.square().sum().backward()
     out.square().sum().backward()
-    tol = TF32_TOLERANCE if device == "cuda" else TOLERANCE[torch.float32]
+    tol = tolerance(torch.float32, device)
     assert_close(out.cpu(), ref, tol=tol, name="merged tokens")
     for (key, p), q in zip(model.model.visual.named_parameters(), reference.model.visual.parameters()):
         assert_close(p.grad.cpu(), q.grad, tol=tol, name=f"{key}.grad")
