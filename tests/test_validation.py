@@ -647,3 +647,39 @@ def test_empty_and_degenerate_shapes(op, data):
 
 def test_every_op_has_hostile_and_degenerate_cases():
     assert {name.split("-")[0] for name in HOSTILE_OPS} == set(DEGENERATE) == set(fastvl.ops.__all__)
+
+
+# ---- dispatch: every op with a kernel reaches it on the Triton backend (the reference's numbers cannot stand in)
+
+KERNELS = {  # op -> (kernel module, host functions a forward and backward pass must call)
+    "varlen_attention": ("varlen_attention", ("forward", "backward")),
+    "apply_rope_2d": ("apply_rope_2d", ("forward",)),  # its backward is the inverse rotation: forward again
+    "patch_merge": ("patch_merge", ("forward", "backward")),
+    "spatial_attention_pool": ("spatial_attention_pool", ("forward", "backward")),
+    "deepstack_add": ("deepstack_add", ("forward",)),  # the backward is a gather
+    "deepstack_add_": ("deepstack_add", ("forward",)),
+}
+HOST_OPS = {"deepstack_groups", "deepstack_index", "vision_positions"}  # index work on the host: no kernel
+
+
+@pytest.mark.parametrize("op", KERNELS)
+def test_public_op_reaches_its_kernel(op, triton_backend, monkeypatch):
+    import importlib
+
+    module, functions = KERNELS[op]
+    kernel = importlib.import_module(f"fastvl.kernels.{module}")
+    calls = []
+    for name in functions:
+        original = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, _name=name, _fn=original, **k: calls.append(_name) or _fn(*a, **k))
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in OPS[op][1]().items()}
+    leaves = [v.requires_grad_() for v in args.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if op == "deepstack_add_":
+        args["hidden"] = args["hidden"] * 1  # in place on a non-leaf
+    OPS[op][0](**args).sum().backward()
+    assert set(calls) == set(functions), f"{op}: {calls} reached, expected {functions}"
+    assert all(leaf.grad is not None for leaf in leaves)
+
+
+def test_every_op_is_dispatched_or_host_side():
+    assert set(KERNELS) | HOST_OPS == set(fastvl.ops.__all__) and not set(KERNELS) & HOST_OPS
