@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fastvl  # noqa: E402
-from fastvl.testing import assert_close, generator, randn  # noqa: E402
+from fastvl.testing import assert_close, generator, randn, rel_err  # noqa: E402
 
 TOL = 1e-6  # float64 models; transformers computes the vision RoPE tables in fp32
 PATCH, TEMPORAL = 4, 2
@@ -219,3 +219,26 @@ def test_fallback_is_announced_once(monkeypatch):
     expected = "head_dim 8 has no Triton kernel" if fastvl._backend.interpreting() else "need CUDA tensors"
     assert any(expected in m for m in messages), messages
     assert_close(out, reference.model.visual(x, grid_thw=grid).pooler_output, tol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl-m2", "qwen2_5_vl-m2"])
+def test_precomputed_layout(kind):
+    """The layout inputs transformers lets callers precompute (for torch.compile / export) are honoured."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+    model, reference = pair(kind)
+    batch = inputs(kind)
+    x, grid, tower = batch["pixel_values"], batch["image_grid_thw"], reference.model.visual
+    merge = tower.spatial_merge_size
+    given = dict(position_ids=get_vision_position_ids(grid, merge), cu_seqlens=get_vision_cu_seqlens(grid))
+    if KINDS[kind][0] == "qwen2_5_vl":
+        given["window_index"], given["cu_window_seqlens"] = get_vision_window_index(
+            grid, merge, tower.window_size, tower.patch_size)
+    for subset in (given, {"position_ids": given["position_ids"]}):
+        out = model.model.visual(x, grid_thw=grid, **subset).pooler_output
+        ref = tower(x, grid_thw=grid, **dict(subset)).pooler_output
+        assert_close(out, ref, tol=TOL)
+    swapped = {**given, "position_ids": given["position_ids"].flip(-1)}  # used, not derived again
+    out = model.model.visual(x, grid_thw=grid, **swapped).pooler_output
+    assert_close(out, tower(x, grid_thw=grid, **dict(swapped)).pooler_output, tol=TOL)
+    assert rel_err(out, ref) > 100 * TOL, "the swapped positions must change the output"

@@ -1,7 +1,8 @@
 """Qwen2-VL and Qwen2.5-VL vision towers (transformers 5.x) on the fastvl ops.
 
 The patched tower computes the packing of a forward on the host from ``grid_thw`` once: per-frame
-``cu_seqlens``, Qwen2.5-VL's window segments and token order, and the (row, col) of every token.
+``cu_seqlens``, Qwen2.5-VL's window segments and token order, and the (row, col) of every token
+(the parts a caller precomputed, as transformers allows, replace the derived ones).
 Every block reuses them: its attention runs ``varlen_attention`` with the 2D RoPE fused
 (``rope_pos``; no cos/sin tables, no rotated copies of q and k), and the merger runs ``patch_merge``.
 Weights stay in the original modules; only ``forward`` of the tower and of each block's attention
@@ -22,22 +23,22 @@ from ..layout import vision_layout
 from ..ops import patch_merge, varlen_attention
 
 TOWERS = (Qwen2VisionTransformerPretrainedModel, Qwen2_5_VisionTransformerPretrainedModel)
-# inputs transformers lets callers precompute; the patched tower derives them from grid_thw itself
+# layout inputs transformers lets callers precompute (torch.compile / export); otherwise derived from grid_thw
 _PRECOMPUTED = ("cu_seqlens", "max_seqlen", "position_ids", "window_index", "cu_window_seqlens", "max_window_seqlen")
 
 
 @merge_with_config_defaults
 @capture_outputs
 def _vision_forward(self, hidden_states, grid_thw, **kwargs):
-    given = [name for name in _PRECOMPUTED if kwargs.get(name) is not None]
-    if given:
-        raise TypeError(f"{given[0]}: the fastvl-patched vision tower derives it from grid_thw; do not pass it")
+    given = {name: kwargs.pop(name) for name in _PRECOMPUTED if kwargs.get(name) is not None}
     windowed = isinstance(self, Qwen2_5_VisionTransformerPretrainedModel)
     m = self.spatial_merge_size
     window = self.window_size // m // self.patch_size if windowed else None
     if not torch.compiler.is_compiling():
         report_reference(hidden_states.device, "fastvl.patch (vision tower)")
     layout = vision_layout(grid_thw, m, window, device=hidden_states.device)
+    if given:
+        layout = _precomputed(layout, given, m)
     hidden_states = self.patch_embed(hidden_states)
     if windowed:
         hidden_states = hidden_states.view(-1, m * m, hidden_states.shape[-1])
@@ -54,6 +55,37 @@ def _vision_forward(self, hidden_states, grid_thw, **kwargs):
     if windowed:
         merged = merged.index_select(0, layout.reverse_index)
     return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=merged)
+
+
+@torch.compiler.disable  # host reads of caller-given offsets
+def _precomputed(layout, given, merge_size):
+    """``layout`` with the parts a caller precomputed, as transformers' towers take them: position_ids [T, 2]
+    (row, col) in image order, cu_seqlens and max_seqlen per frame, window_index with cu_window_seqlens and
+    max_window_seqlen (Qwen2.5-VL)."""
+    device, unit = layout.positions.device, merge_size * merge_size
+
+    def offsets(cu_name, max_name, cu, longest):
+        cu = given[cu_name].to(device, torch.int32) if cu_name in given else cu
+        if max_name in given:
+            return cu, int(given[max_name])
+        return cu, longest if cu_name not in given else int(cu.diff().max()) if cu.numel() > 1 else 0
+
+    fields = dict(zip(("cu_seqlens", "max_seqlen"), offsets("cu_seqlens", "max_seqlen", layout.cu_seqlens,
+                                                           layout.max_seqlen)))
+    order = layout.window_index
+    if order is not None:
+        if "window_index" in given and "cu_window_seqlens" in given:  # transformers uses them as a pair
+            order = given["window_index"].to(device)
+            fields.update(window_index=order, reverse_index=torch.argsort(order))
+        fields["cu_window_seqlens"], fields["max_window_seqlen"] = offsets(
+            "cu_window_seqlens", "max_window_seqlen", layout.cu_window_seqlens, layout.max_window_seqlen)
+    if "position_ids" in given or "window_index" in fields:
+        positions = given.get("position_ids")
+        if positions is None:  # the derived ones, back to image order
+            positions = layout.positions.view(-1, unit, 2)[layout.reverse_index].view(-1, 2)
+        positions = positions.to(device, torch.int32)
+        fields["positions"] = positions if order is None else positions.view(-1, unit, 2)[order].view(-1, 2)
+    return layout._replace(**fields)
 
 
 def _attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, *, rope_pos, max_seqlen, **kwargs):
