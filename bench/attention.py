@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import fastvl
 from fastvl import _native
-from fastvl.ops._dispatch import kernel_module
+from fastvl.ops import kernel_module
 from fastvl.reference.apply_rope_2d import rope_2d_angles
 from fastvl.testing import rel_err
 
@@ -73,7 +73,7 @@ class Case:
         self.lengths = [h * w for h, w in grids]
         self.tokens, self.max_len = sum(self.lengths), max(self.lengths)
         self.pos = fastvl.vision_positions(torch.tensor([[1, h, w] for h, w in grids]), merge).to(device)
-        self.cu = torch.tensor([0, *torch.tensor(self.lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        self.cu = fastvl.layout.cu_seqlens(self.lengths, device)
         angles = rope_2d_angles(self.pos, self.head_dim, THETA)
         emb = torch.cat([angles, angles], dim=-1)[:, None, :]  # transformers' layout: [h | w | h | w]
         self.cos, self.sin = emb.cos(), emb.sin()

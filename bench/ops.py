@@ -47,7 +47,7 @@ def _cases(device, dtype, pack, merge_tokens, gen):
     tokens = int(grid.prod(-1).sum())
     pos = fastvl.vision_positions(grid).to(device)
     lengths = grid.prod(-1)
-    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device=device, dtype=torch.int32)
+    cu = fastvl.layout.cu_seqlens(lengths, device)
     longest = int(lengths.max())
     label = f"{len(pack)} images, {tokens} patches"
     out = []

@@ -1,9 +1,32 @@
 """Backend selection: which implementation an op runs for given tensors."""
 import contextlib
 import os
+import warnings
 
 BACKENDS = ("triton", "native", "reference")
 _override = None
+
+
+class FallbackWarning(UserWarning):
+    """Ops run their reference implementation because the Triton kernels do not cover the inputs."""
+
+
+_warned = set()  # fallback messages already given
+
+
+def fallback(message):
+    """Warn once per distinct ``message`` (a FallbackWarning) that the reference runs instead of the kernels."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, FallbackWarning, stacklevel=3)
+
+
+def report_reference(device, user):
+    """Warn once (naming ``user``) when the automatic choice runs ``device``'s tensors on the reference."""
+    device = getattr(device, "type", device)
+    if get_backend() is None and resolve(device) == "reference":
+        fallback(f"{user}: {device} tensors run the reference implementations; the Triton kernels need CUDA "
+                 "tensors (or TRITON_INTERPRET=1 set before fastvl is imported, for the CPU interpreter)")
 
 
 def _check(name, source):

@@ -46,21 +46,19 @@ def _sap_backward(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows, scores,
     return tuple(_C.sap_bwd(grad, x, grid_hw, w1, b1, w2, window, num_windows, scores, need_dx))
 
 
-def _deepstack_add_(hidden, index, stacked):
+def _deepstack_add(hidden, index, stacked, inplace=False):
+    if not inplace:
+        hidden = hidden.clone(memory_format=torch.contiguous_format)
     _C.deepstack_add_(hidden, index, stacked)
     return hidden
 
 
-def _deepstack_add(hidden, index, stacked):
-    return _deepstack_add_(hidden.clone(memory_format=torch.contiguous_format), index, stacked)
-
-
 MODULES = {
-    "apply_rope_2d": SimpleNamespace(apply_rope_2d=_apply_rope_2d),
+    "apply_rope_2d": SimpleNamespace(forward=_apply_rope_2d),
     "varlen_attention": SimpleNamespace(forward=_attention_forward, backward=_attention_backward),
     "patch_merge": SimpleNamespace(forward=_merge_forward, backward=_merge_backward),
     "spatial_attention_pool": SimpleNamespace(forward=_sap_forward, backward=_sap_backward),
-    "deepstack_add": SimpleNamespace(forward=_deepstack_add, forward_=_deepstack_add_),
+    "deepstack_add": SimpleNamespace(forward=_deepstack_add),
 }
 
 

@@ -3,8 +3,24 @@ import argparse
 import sys
 
 
+def _positive_int(text):
+    """argparse type: an int >= 1 (argparse names the option and exits with status 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastvl", description=__doc__)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fastvl", description="fastvl: fused Triton kernels and model code for fast small vision-language models"
+    )
+    parser.add_argument("--version", action="version", version=f"fastvl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gate = sub.add_parser("gate", help="compile every Triton kernel for sm_80/sm_90 and report registers, spills, smem")
     gate.add_argument("--kernel", help="regular expression on kernel names")
@@ -16,7 +32,7 @@ def main(argv=None):
                           help="directory of a FastVL model (or a Qwen2-VL, SliMM or FlashSloth one) and its tokenizer")
     generate.add_argument("--image", required=True, help="image file")
     generate.add_argument("--prompt", required=True, help="question or instruction")
-    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=128, help="at most this many tokens (>= 1)")
     convert = sub.add_parser("convert", help="write a Qwen2-VL, Qwen2.5-VL, SliMM or FlashSloth checkpoint as FastVL")
     convert.add_argument("src", help="checkpoint directory")
     convert.add_argument("dst", help="output directory")
@@ -48,17 +64,20 @@ def _fail(command, message):
 
 
 def _generate(args):
-    """Exit status 2, with the offending path, when the model directory, its tokenizer or the image cannot be read."""
+    """Exit status 2, with the offending path, when the model directory, its tokenizer or the image cannot be
+    read, or the image cannot be processed (a decompression bomb, an aspect ratio the processor refuses)."""
     import os
 
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         return _fail("generate", f"{args.model}: not a model directory (no config.json)")
-    try:
-        from PIL import Image
+    from PIL import Image
 
+    from .data.image import to_pil
+
+    try:
         with Image.open(args.image) as image:
-            image = image.convert("RGB")
-    except OSError as exc:
+            image = to_pil(image, args.image)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         return _fail("generate", f"{args.image}: cannot read the image ({exc})")
     import torch
 
@@ -69,8 +88,12 @@ def _generate(args):
         tokenizer = load_tokenizer(args.model, model.config)
     except (OSError, ValueError) as exc:
         return _fail("generate", f"{args.model}: cannot load the model and tokenizer ({exc})")
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     processor = image_processor(model.config, args.model)
+    try:
+        processor([image])
+    except ValueError as exc:
+        return _fail("generate", f"{args.image}: the model's image processor refuses it ({exc})")
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     print(generate_text(model, tokenizer, [image], args.prompt, args.max_new_tokens, processor))
     return 0
 

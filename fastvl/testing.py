@@ -3,9 +3,16 @@ import math
 
 import torch
 
+from .layout import cu_seqlens  # noqa: F401  (tests build their offsets with it)
+
 # ||out - ref|| / ||ref|| bounds against a float64 reference (fp32 dots may run as tf32 on a GPU)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 TF32_TOLERANCE = 2e-3
+
+
+def tolerance(dtype, device="cpu") -> float:
+    """The rel_err bound of a kernel computing in ``dtype`` on ``device``: fp32 dots run as tf32 on CUDA."""
+    return TF32_TOLERANCE if dtype == torch.float32 and torch.device(device).type == "cuda" else TOLERANCE[dtype]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -35,16 +42,6 @@ def randn(*shape, dtype=torch.float32, device="cpu", gen=None, scale=1.0, requir
     """Seeded normal tensor created on CPU (same values on every device) then moved."""
     t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
     return t.requires_grad_(requires_grad)
-
-
-def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
-    """int32 offsets [B+1] of segment ``lengths``."""
-    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32, device=device)
-
-
-def random_lengths(gen, count, low=1, high=300):
-    """``count`` random segment lengths in [low, high]."""
-    return torch.randint(low, high + 1, (count,), generator=gen).tolist()
 
 
 def sap_window_loop(x, grids, w1, b1, w2, b2, window):

@@ -110,7 +110,7 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def apply_rope_2d(x, pos, theta, inverse, heads_per_program=None):
+def forward(x, pos, theta, inverse, heads_per_program=None):
     """y [T, H, D] = x rotated by pos [T, 2] (by the negative angles when ``inverse``).
 
     x needs a unit last stride; its token and head strides are free (e.g. a slice of a qkv tensor), and

@@ -36,21 +36,19 @@ def _deepstack_add_kernel(
     tl.store(target, (h + s.to(tl.float32)).to(hidden_ptr.dtype.element_ty), mask=mask)
 
 
-def forward_(hidden, index, stacked):
-    """hidden[index] += stacked in place (rows of the flattened leading dims); returns hidden."""
+def forward(hidden, index, stacked, inplace=False):
+    """hidden[index] += stacked (rows of the flattened leading dims): in place and returning hidden when
+    ``inplace``, else on a copy of hidden."""
+    if not inplace:
+        hidden = hidden.clone(memory_format=torch.contiguous_format)
     channels = hidden.shape[-1]
     try:
         rows = hidden.view(-1, channels)
     except RuntimeError:  # leading dims that no single row stride spans: update a copy, then write it back
-        return hidden.copy_(forward_(hidden.contiguous(), index, stacked))
+        return hidden.copy_(forward(hidden.contiguous(), index, stacked, inplace=True))
     count = index.shape[0]
     if count and channels:
         grid = (triton.cdiv(count, BLOCK_ROWS), triton.cdiv(channels, BLOCK_C))
         _deepstack_add_kernel[grid](rows, index, stacked, count, channels, rows.stride(0), stacked.stride(0),
                                     BR=BLOCK_ROWS, BC=BLOCK_C, num_warps=4)
     return hidden
-
-
-def forward(hidden, index, stacked):
-    """Out-of-place: a copy of hidden with the rows added."""
-    return forward_(hidden.clone(memory_format=torch.contiguous_format), index, stacked)

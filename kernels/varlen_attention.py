@@ -485,7 +485,7 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_p
 
 
 # ------------------------------------------------------------------ host side
-def _common(q, k, cu_q, rope_pos, theta):
+def _common(q, cu_q, rope_pos, theta):
     """Launch arguments shared by the kernels: constexprs, rope pointer/strides, log2(theta)."""
     dim = q.shape[2]
     wa, wb = _tiles(dim)
@@ -503,7 +503,7 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta):
     batch = cu_q.numel() - 1
     if tq == 0 or batch == 0 or max_q == 0:
         return out, lse
-    consts, pos, pos_strides, log2_theta = _common(q, k, cu_q, rope_pos, theta)
+    consts, pos, pos_strides, log2_theta = _common(q, cu_q, rope_pos, theta)
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _attn_fwd[grid](
@@ -523,7 +523,7 @@ def backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scal
     batch = cu_q.numel() - 1
     if batch == 0 or (max_q == 0 and max_k == 0):
         return dq, dk, dv
-    consts, pos, pos_strides, log2_theta = _common(q, k, cu_q, rope_pos, theta)
+    consts, pos, pos_strides, log2_theta = _common(q, cu_q, rope_pos, theta)
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     delta = torch.empty(heads, tq, dtype=torch.float32, device=q.device)
     if tq:

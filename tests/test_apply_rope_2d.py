@@ -78,9 +78,9 @@ def test_inverse_undoes_rotation(kernel_dtype, device, heads_per_program):
     pos = _random_positions(61, gen, device)
     x = randn(61, 3, 80, dtype=kernel_dtype, device=device, gen=gen)
     kernel = _kernel()
-    y = kernel.apply_rope_2d(x, pos, 10000.0, False, heads_per_program)
+    y = kernel.forward(x, pos, 10000.0, False, heads_per_program)
     assert_close(y, reference.apply_rope_2d(x.double(), pos), kernel_dtype)
-    back = kernel.apply_rope_2d(y, pos, 10000.0, True, heads_per_program)
+    back = kernel.forward(y, pos, 10000.0, True, heads_per_program)
     assert_close(back, x.double(), kernel_dtype, name="inverse(rotate(x))")
 
 

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import fastvl  # noqa: E402
 from fastvl.integrations import attention, qwen2_vl  # noqa: E402
-from fastvl.testing import TF32_TOLERANCE, TOLERANCE, assert_close, generator, randn, rel_err  # noqa: E402
+from fastvl.testing import assert_close, cu_seqlens, generator, randn, rel_err, tolerance  # noqa: E402
 
 ROPE_TOL = 1e-6  # float64 models, fp32 RoPE tables in transformers
 PATCH, TEMPORAL, MERGE = 4, 2, 2
@@ -30,9 +30,9 @@ TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=
 GRID = torch.tensor([[1, 6, 10], [1, 4, 4], [1, 2, 6]])
 
 
-def tiny_qwen2_vl(depth=2, heads=2):
+def tiny_qwen2_vl(depth=2):
     vision = dict(
-        depth=depth, embed_dim=128, hidden_size=128, num_heads=heads, mlp_ratio=2, patch_size=PATCH,
+        depth=depth, embed_dim=128, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=PATCH,
         temporal_patch_size=TEMPORAL, spatial_merge_size=MERGE,
     )
     config = transformers.Qwen2VLConfig(text_config=TEXT, vision_config=vision, **TOKENS)
@@ -215,10 +215,8 @@ def test_unsupported_models_and_inputs():
     text_only = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**TEXT, "rope_parameters": None}))
     with pytest.raises(TypeError, match="model.*Qwen2ForCausalLM"):
         fastvl.patch(text_only)
-    with pytest.raises(ValueError, match="head_dim 32"):
-        fastvl.patch(tiny_qwen2_vl(heads=4))
     model = fastvl.patch(tiny_qwen2_vl())
-    with pytest.raises(TypeError, match="cu_seqlens"):
+    with pytest.raises(ValueError, match="cu_seqlens"):  # a precomputed layout is used, so checked
         model.model.visual(pixels(GRID), grid_thw=GRID, cu_seqlens=torch.zeros(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="grid_thw"):  # odd grid: not divisible by the merge size
         model.model.visual(pixels(torch.tensor([[1, 3, 4]])), grid_thw=torch.tensor([[1, 3, 4]]))
@@ -249,20 +247,10 @@ def test_vision_tower_on_the_kernels(name, device, triton_backend):
     out = model.model.visual(x.to(device), grid_thw=GRID.to(device)).pooler_output
     ref.square().sum().backward()
     out.square().sum().backward()
-    tol = TF32_TOLERANCE if device == "cuda" else TOLERANCE[torch.float32]
+    tol = tolerance(torch.float32, device)
     assert_close(out.cpu(), ref, tol=tol, name="merged tokens")
     for (key, p), q in zip(model.model.visual.named_parameters(), reference.model.visual.parameters()):
         assert_close(p.grad.cpu(), q.grad, tol=tol, name=f"{key}.grad")
-
-
-@pytest.mark.slow
-def test_compiled_tower_matches_transformers():
-    """torch.compile traces the blocks and the ops; only the host-side layout stays eager."""
-    reference = tiny_qwen2_5_vl()
-    model = fastvl.patch(copy.deepcopy(reference))
-    x = pixels(GRID)
-    out = torch.compile(model.model.visual)(x, grid_thw=GRID).pooler_output
-    assert_close(out, reference.model.visual(x, grid_thw=GRID).pooler_output, tol=ROPE_TOL)
 
 
 @pytest.mark.gpu
@@ -343,7 +331,7 @@ def test_lm_packed_sequences(lms, monkeypatch):
     assert_close(fast(ids, position_ids=positions, use_cache=False).logits, separate, name="packed by position_ids")
     assert len(builds) == 1, "the segments must be read once per forward, not once per layer"
     assert_close(sdpa(ids, position_ids=positions, use_cache=False).logits, separate, name="sdpa, packed")
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = cu_seqlens(lengths)
     packed = fast(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                   max_length_q=max(lengths), max_length_k=max(lengths)).logits
     assert_close(packed, separate, name="packed by cu_seq_lens")

@@ -5,7 +5,7 @@ import torch
 import fastvl
 from fastvl import reference
 from fastvl.ops._dispatch import kernel_module
-from fastvl.testing import TF32_TOLERANCE, TOLERANCE, assert_close, generator, randn
+from fastvl.testing import TOLERANCE, assert_close, generator, randn, tolerance
 
 # (t, h, w) grids of a pack; tokens = sum(t*h*w), every h and w a multiple of the merge size
 PACKS = {
@@ -13,10 +13,6 @@ PACKS = {
     4: [[1, 12, 20], [2, 4, 4]],  # 15 + 2 = 17 merged rows of 16 patches
 }
 NAMES = ("x", "ln_w", "ln_b", "w1", "b1", "w2", "b2")
-
-
-def _tolerance(dtype, device):
-    return TF32_TOLERANCE if dtype == torch.float32 and device == "cuda" else TOLERANCE[dtype]
 
 
 def _inputs(tokens, channels, hidden, out, merge, norm, dtype, device, seed=0):
@@ -40,7 +36,7 @@ def _check(params, grad, merge, norm, dtype, device):
         grad = torch.ones_like(out)
     else:
         out.backward(grad)
-    _compare(out, params, grad, merge, norm, _tolerance(dtype, device))
+    _compare(out, params, grad, merge, norm, tolerance(dtype, device))
 
 
 def _compare(out, params, grad, merge, norm, tol):
@@ -107,7 +103,7 @@ def test_backward_outside_the_triton_backend(device):
     with fastvl.use_backend("triton"):
         out = fastvl.patch_merge(*params)
     out.backward(grad)
-    _compare(out, params, grad, 2, "layernorm", _tolerance(torch.float32, device))
+    _compare(out, params, grad, 2, "layernorm", tolerance(torch.float32, device))
 
 
 def test_empty(triton_backend, device):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastvl
-from fastvl.testing import TF32_TOLERANCE, TOLERANCE, assert_close, generator, randn, sap_window_loop
+from fastvl.testing import assert_close, generator, randn, sap_window_loop, tolerance
 
 C, HID = 72, 100  # neither a power of two; C spans two channel tiles, HID a partial GEMM tile
 
@@ -32,10 +32,6 @@ def _windows(h, w, r):
     return -(-h // r) * -(-w // r)
 
 
-def _tolerance(dtype, device):
-    return TF32_TOLERANCE if dtype == torch.float32 and device == "cuda" else TOLERANCE[dtype]
-
-
 def _check_against_reference(grids, r, dtype, device, **shape):
     """Output and every gradient of the kernels (dtype) against the float64 reference."""
     x, grid_hw, params = _inputs(grids, dtype, device, **shape)
@@ -49,7 +45,7 @@ def _check_against_reference(grids, r, dtype, device, **shape):
     with fastvl.use_backend("reference"):
         ref = fastvl.spatial_attention_pool(exact[0], grid_hw, *exact[1:], window=r)
     ref.backward(grad.double())
-    tol = _tolerance(dtype, device)
+    tol = tolerance(dtype, device)
     assert_close(out, ref, tol=tol)
     for name, got, want in zip(("dx", "dw1", "db1", "dw2"), inputs, exact):
         assert_close(got.grad, want.grad, tol=tol, name=name)
@@ -83,7 +79,7 @@ def test_frozen_features(triton_backend, device):
         fastvl.spatial_attention_pool(x.double(), grid_hw, *exact, window=r).backward(grad.double())
     assert x.grad is None
     for name, got, want in zip(("dw1", "db1", "dw2"), weights, exact):
-        assert_close(got.grad, want.grad, tol=_tolerance(torch.float32, device), name=name)
+        assert_close(got.grad, want.grad, tol=tolerance(torch.float32, device), name=name)
 
 
 def test_kernel_matches_window_loop(triton_backend, device):
@@ -92,7 +88,7 @@ def test_kernel_matches_window_loop(triton_backend, device):
     x, grid_hw, params = _inputs(grids, torch.float32, device, seed=2)
     exact = sap_window_loop(x.double(), grids, *(p.double() for p in params), r)
     out = fastvl.spatial_attention_pool(x, grid_hw, *params, window=r)
-    assert_close(out, exact, tol=_tolerance(torch.float32, device))
+    assert_close(out, exact, tol=tolerance(torch.float32, device))
     with fastvl.use_backend("reference"):
         ref = fastvl.spatial_attention_pool(x.double(), grid_hw, *(p.double() for p in params), window=r)
     assert_close(ref, exact, torch.float64)
@@ -104,7 +100,7 @@ def test_window_larger_than_image(triton_backend, device):
     x, grid_hw, params = _inputs(grids, torch.float32, device, seed=3)
     out = fastvl.spatial_attention_pool(x, grid_hw, *params, window=4)
     exact = sap_window_loop(x.double(), grids, *(p.double() for p in params), 4)
-    assert_close(out, exact, tol=_tolerance(torch.float32, device))
+    assert_close(out, exact, tol=tolerance(torch.float32, device))
 
 
 def _saved(fn):
@@ -156,7 +152,7 @@ def test_mixed_backends_share_scores(device):
             out.backward(grad)
         results.append([out.detach()] + [t.grad for t in leaves[:4]])
     for a, b in zip(*results):
-        assert_close(a, b, tol=_tolerance(torch.float32, device))
+        assert_close(a, b, tol=tolerance(torch.float32, device))
 
 
 def test_fake_and_autograd_registration():

@@ -4,12 +4,7 @@ import torch
 
 import fastvl
 from fastvl import reference
-from fastvl.testing import TF32_TOLERANCE, TOLERANCE, assert_close, cu_seqlens, generator, randn
-
-
-def _tol(dtype):
-    """fp32 dots are exact in the interpreter, tf32 on a GPU."""
-    return TF32_TOLERANCE if dtype == torch.float32 and torch.cuda.is_available() else TOLERANCE[dtype]
+from fastvl.testing import assert_close, cu_seqlens, generator, randn, tolerance
 
 
 def _attend(q, k, v, cu_q, cu_k, causal, rope_pos):
@@ -46,10 +41,10 @@ def _check(device, dtype, lens_q, lens_k=None, heads=2, kv_heads=1, dim=80, caus
 
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite), "lse: -inf exactly where a query sees no key"
-    assert_close(lse[finite], ref_lse[finite], tol=_tol(torch.float32) if dtype == torch.float32 else 1e-3, name="lse")
+    assert_close(lse[finite], ref_lse[finite], tol=tolerance(torch.float32, device) if dtype == torch.float32 else 1e-3, name="lse")
     for name, a, b in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], want[:1] + want[2:]):
         assert a.dtype == dtype and a.shape == b.shape, name
-        assert_close(a, b, tol=_tol(dtype), name=name)
+        assert_close(a, b, tol=tolerance(dtype, device), name=name)
 
 
 # Each head dim once per dtype, each with a different mix of the options (GQA, causal, RoPE).

@@ -214,7 +214,10 @@ def tokenize_conversation(conversation, tokenizer, template, num_image_tokens=()
 
 
 def _grid_rows(image_grid_thw):
-    grid = torch.as_tensor(image_grid_thw, dtype=torch.int64)
+    grid = torch.as_tensor(image_grid_thw)
+    if grid.numel() and (grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool):
+        raise TypeError(f"image_grid_thw must hold integers, got {image_grid_thw!r}")
+    grid = grid.to(torch.int64)
     if grid.numel() and (grid.dim() != 2 or grid.shape[1] != 3 or (grid <= 0).any()):
         raise ValueError(f"image_grid_thw must be [n_images, 3] rows of positive (t, h, w), got {image_grid_thw!r}")
     return grid.tolist() if grid.numel() else []
@@ -231,14 +234,30 @@ def image_token_counts(image_grid_thw, compressor, merge_size=2, window=3):
     - ``sap`` (FlashSloth's spatial attention pooling, one row per crop): one per window x window patches,
       edge windows included, ``t*ceil(h/3)*ceil(w/3)``: 27x27 -> 81, i.e. 405 for the 5 crops of an HD image.
     """
-    if compressor == "sap":
-        return [t * math.ceil(h / window) * math.ceil(w / window) for t, h, w in _grid_rows(image_grid_thw)]
-    cells = {"none": 1, "patch_merge": merge_size, "deepstack_midlayers": merge_size,
-             "deepstack_efficient": 2 * merge_size}
-    if compressor not in cells:
-        raise ValueError(f"compressor must be one of {sorted([*cells, 'sap'])}, got {compressor!r}")
-    side = cells[compressor]
+    _cell(compressor, merge_size, window)  # checked also when there is no image
     rows = _grid_rows(image_grid_thw)
-    if any(h % side or w % side for _, h, w in rows):
-        raise ValueError(f"image_grid_thw: h and w must be multiples of {side} for {compressor!r}, got {rows}")
-    return [t * (h // side) * (w // side) for t, h, w in rows]
+    return [math.prod(llm_grid(t, h, w, compressor, merge_size, window, rows)) for t, h, w in rows]
+
+
+def llm_grid(t, h, w, compressor, merge_size=2, window=3, rows=None):
+    """(frames, rows, columns) of the LLM tokens of one (t, h, w) ViT patch grid under ``compressor`` (see
+    image_token_counts); M-RoPE places them on this grid. ``rows``: the whole grid, for error messages."""
+    side = _cell(compressor, merge_size, window)
+    if compressor == "sap":
+        return t, math.ceil(h / side), math.ceil(w / side)
+    if h % side or w % side:
+        raise ValueError(f"image_grid_thw: h and w must be multiples of {side} for {compressor!r}, "
+                         f"got {rows or [[t, h, w]]}")
+    return t, h // side, w // side
+
+
+def _cell(compressor, merge_size, window):
+    """The side, in patches, of the square one LLM token covers (for 'sap' edge squares may be partial)."""
+    for name, value in (("merge_size", merge_size), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    cells = {"none": 1, "patch_merge": merge_size, "deepstack_midlayers": merge_size,
+             "deepstack_efficient": 2 * merge_size, "sap": window}
+    if compressor not in cells:
+        raise ValueError(f"compressor must be one of {sorted(cells)}, got {compressor!r}")
+    return cells[compressor]

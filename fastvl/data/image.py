@@ -48,9 +48,15 @@ def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 2
 
 
 def to_pil(image, name="images"):
-    """An RGB PIL image from a PIL image (any mode; transparency composited onto white, as transformers does)
-    or an HWC uint8 numpy array with 3 channels."""
+    """An RGB PIL image from a PIL image (any mode; transparency composited onto white, as transformers does;
+    16-bit and float images scaled to 8 bits, see ``_to_8bit``) or an HWC uint8 numpy array with 3 channels."""
     if isinstance(image, Image.Image):
+        try:
+            image.load()
+        except OSError as exc:  # a truncated or corrupt file, decoded lazily
+            raise ValueError(f"{name}: cannot decode the image ({exc})") from None
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            image = _to_8bit(image, name)
         if "A" in image.getbands() or "transparency" in image.info:
             white = Image.new("RGBA", image.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
@@ -64,6 +70,23 @@ def to_pil(image, name="images"):
     raise TypeError(f"{name}: expected a PIL image or a numpy array, got {type(image).__name__}")
 
 
+def _to_8bit(image, name):
+    """An 8-bit 'L' image from a 32/16-bit integer ('I', 'I;16*') or float ('F') one, which converting to RGB
+    would clip at 255: integers span the 16-bit range (0..65535, clipped); floats in [0, 1] or [0, 255] keep
+    that range, other floats are stretched from their minimum to their maximum."""
+    x = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: a float image with non-finite pixel values")
+    if image.mode != "F":
+        x = x / 257.0
+    elif x.size and x.min() >= 0 and x.max() <= 1:
+        x = x * 255.0
+    elif x.size and not (x.min() >= 0 and x.max() <= 255):
+        span = x.max() - x.min()
+        x = (x - x.min()) * (255.0 / span) if span else np.zeros_like(x)
+    return Image.fromarray(np.rint(x).clip(0, 255).astype(np.uint8), "L")
+
+
 def _image_list(images):
     if not isinstance(images, (list, tuple)):
         raise TypeError(f"images must be a list of images, got {type(images).__name__}")
@@ -71,11 +94,16 @@ def _image_list(images):
 
 
 def _channel_stats(value, name):
-    """A per-channel (3,) float64 array from a float or 3 floats."""
-    stats = np.asarray(value, dtype=np.float64)
+    """A per-channel (3,) finite float64 array from a float or 3 floats."""
+    try:
+        stats = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float or 3 floats, got {value!r}") from None
     stats = np.full(3, float(stats)) if stats.ndim == 0 else stats
     if stats.shape != (3,):
         raise ValueError(f"{name} must be a float or 3 floats, got {value!r}")
+    if not np.isfinite(stats).all():
+        raise ValueError(f"{name} must be finite, got {value!r}")
     return stats
 
 

@@ -25,13 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._backend import report_reference
+from ..layout import cu_seqlens, to_device
 from ..ops import varlen_attention
-from ._host import to_device
 
 NAME = "fastvl"
 
 
-class Segments(NamedTuple):
+class Packing(NamedTuple):
+    """The sequences of a batch: the kept token rows and their segment offsets."""
+
     q_index: Optional[Tensor]  # kept query rows of the flattened [batch * Tq] (None: all)
     k_index: Optional[Tensor]
     cu_q: Tensor
@@ -51,6 +54,8 @@ def fastvl_attention(module, query, key, value, attention_mask, scaling=None, dr
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     batch, heads, tq, dim = query.shape
     tk = key.shape[2]
+    if not torch.compiler.is_compiling():
+        report_reference(query.device, f'attn_implementation="{NAME}"')
     q = query.transpose(1, 2).reshape(batch * tq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * tk, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * tk, value.shape[1], dim)
@@ -65,7 +70,7 @@ def fastvl_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.view(batch, tq, heads, dim), None
 
 
-def _segments(attention_mask, kwargs, batch, tq, tk, device) -> Segments:
+def _segments(attention_mask, kwargs, batch, tq, tk, device) -> Packing:
     """The sequences of the batch, by the precedence the module docstring lists."""
     cu_q, position_ids = kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
     if cu_q is not None:
@@ -73,7 +78,7 @@ def _segments(attention_mask, kwargs, batch, tq, tk, device) -> Segments:
             raise ValueError(f"cu_seq_lens_q: packed sequences need batch size 1, got {batch}")
         cu_k = kwargs.get("cu_seq_lens_k")
         cu_k = None if cu_k is None or cu_k is cu_q else cu_k.to(torch.int32)
-        return Segments(None, None, cu_q.to(torch.int32), cu_k, kwargs.get("max_length_q"), kwargs.get("max_length_k"))
+        return Packing(None, None, cu_q.to(torch.int32), cu_k, kwargs.get("max_length_q"), kwargs.get("max_length_k"))
     if attention_mask is not None:
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, tk):
             raise ValueError(
@@ -88,10 +93,10 @@ def _segments(attention_mask, kwargs, batch, tq, tk, device) -> Segments:
     # one sequence per row: nothing to read on the host
     cu_q = torch.arange(0, (batch + 1) * tq, tq, dtype=torch.int32, device=device)
     cu_k = None if tq == tk else torch.arange(0, (batch + 1) * tk, tk, dtype=torch.int32, device=device)
-    return Segments(None, None, cu_q, cu_k, tq, tk)
+    return Packing(None, None, cu_q, cu_k, tq, tk)
 
 
-_last = (None, None, None)  # (weak reference to the source tensor, key, Segments)
+_last = (None, None, None)  # (weak reference to the source tensor, key, Packing)
 
 
 @torch.compiler.disable  # host-side index work: torch.compile runs it as is
@@ -113,17 +118,16 @@ def _from_mask(mask, batch, tq, tk, device):
     q_index, cu_q, max_q = _compact(keep_q)
     if tq == tk:
         q_index, cu_q = to_device(device, q_index, cu_q)
-        return Segments(q_index, q_index, cu_q, None, max_q, max_q)
+        return Packing(q_index, q_index, cu_q, None, max_q, max_q)
     k_index, cu_k, max_k = _compact(keep_k)
     q_index, k_index, cu_q, cu_k = to_device(device, q_index, k_index, cu_q, cu_k)
-    return Segments(q_index, k_index, cu_q, cu_k, max_q, max_k)
+    return Packing(q_index, k_index, cu_q, cu_k, max_q, max_k)
 
 
 def _compact(keep):
     """Flat indices of the kept tokens of [batch, T] and the offsets of the rows after compaction."""
     lengths = keep.sum(1)
-    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return keep.flatten().nonzero().squeeze(1), cu, int(lengths.max()) if lengths.numel() else 0
+    return keep.flatten().nonzero().squeeze(1), cu_seqlens(lengths), int(lengths.max()) if lengths.numel() else 0
 
 
 def _from_positions(position_ids, batch, tq, tk, device):
@@ -132,7 +136,7 @@ def _from_positions(position_ids, batch, tq, tk, device):
     bounds = F.pad(starts.flatten().nonzero().squeeze(1), (0, 1), value=batch * tq)
     (cu_q,) = to_device(device, bounds.to(torch.int32))
     longest = int(bounds.diff().max()) if bounds.numel() > 1 else 0
-    return Segments(None, None, cu_q, None, longest, longest)
+    return Packing(None, None, cu_q, None, longest, longest)
 
 
 def register():

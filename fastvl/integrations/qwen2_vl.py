@@ -1,102 +1,44 @@
 """Qwen2-VL and Qwen2.5-VL vision towers (transformers 5.x) on the fastvl ops.
 
 The patched tower computes the packing of a forward on the host from ``grid_thw`` once: per-frame
-``cu_seqlens``, Qwen2.5-VL's window segments and token order, and the (row, col) of every token.
+``cu_seqlens``, Qwen2.5-VL's window segments and token order, and the (row, col) of every token
+(the parts a caller precomputed, as transformers allows, replace the derived ones).
 Every block reuses them: its attention runs ``varlen_attention`` with the 2D RoPE fused
 (``rope_pos``; no cos/sin tables, no rotated copies of q and k), and the merger runs ``patch_merge``.
 Weights stay in the original modules; only ``forward`` of the tower and of each block's attention
 is replaced, on the instances.
 """
 import types
-from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..ops import _checks as check
-from ..ops import patch_merge, varlen_attention, vision_positions
-from ._host import to_device
+from .._backend import report_reference
+from ..layout import vision_layout
+from ..ops import patch_merge, varlen_attention
 
 TOWERS = (Qwen2VisionTransformerPretrainedModel, Qwen2_5_VisionTransformerPretrainedModel)
-# inputs transformers lets callers precompute; the patched tower derives them from grid_thw itself
+# layout inputs transformers lets callers precompute (torch.compile / export); otherwise derived from grid_thw
 _PRECOMPUTED = ("cu_seqlens", "max_seqlen", "position_ids", "window_index", "cu_window_seqlens", "max_window_seqlen")
-
-
-class VisionLayout(NamedTuple):
-    """How a packed batch of images runs through the tower; built once per forward."""
-
-    positions: Tensor  # [T, 2] int32 (row, col) of each token, in the tower's token order
-    cu_seqlens: Tensor  # int32 [frames + 1]: one attention segment per image frame
-    max_seqlen: int
-    cu_window_seqlens: Optional[Tensor] = None  # int32: Qwen2.5-VL's window segments
-    max_window_seqlen: Optional[int] = None
-    window_index: Optional[Tensor] = None  # window order of the merge groups (m*m consecutive tokens)
-    reverse_index: Optional[Tensor] = None  # its inverse: merged tokens back to image order
-
-
-@torch.compiler.disable  # host-side index work: torch.compile runs it as is
-def vision_layout(grid_thw, merge_size, window=None, device=None) -> VisionLayout:
-    """The layout of ``grid_thw`` [N, 3] (t, h, w patches per image); ``window``: merged tokens per
-    window side for Qwen2.5-VL window attention, None for Qwen2-VL.
-
-    Reads ``grid_thw`` once (the only host sync of a forward) and ships the result to ``device``
-    in one copy.
-    """
-    device = grid_thw.device if device is None else device
-    grid = grid_thw.to("cpu", torch.int64)
-    unit = merge_size * merge_size
-    positions = vision_positions(grid, merge_size)
-    frames = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0])
-    cu_seqlens = F.pad(frames.cumsum(0), (1, 0)).to(torch.int32)
-    max_seqlen = int(frames.max()) if frames.numel() else 0
-    if window is None:
-        return VisionLayout(*to_device(device, positions, cu_seqlens), max_seqlen)
-    order, lengths = _window_order(grid, merge_size, window)
-    positions = positions.view(-1, unit, 2)[order].view(-1, 2)
-    cu_windows = F.pad(lengths.cumsum(0) * unit, (1, 0)).to(torch.int32)
-    max_window = int(lengths.max()) * unit if lengths.numel() else 0
-    positions, cu_seqlens, cu_windows, order, reverse = to_device(
-        device, positions, cu_seqlens, cu_windows, order, torch.argsort(order)
-    )
-    return VisionLayout(positions, cu_seqlens, max_seqlen, cu_windows, max_window, order, reverse)
-
-
-def _window_order(grid, merge_size, window):
-    """Merge groups in window order: per frame, windows of window x window merged tokens tile the
-    merged grid row-major (edge windows are partial), tokens row-major inside a window.
-
-    Returns (order [groups], tokens-per-window [windows]) in merge groups.
-    """
-    orders, lengths, offset = [], [], 0
-    for t, h, w in grid.tolist():
-        h, w = h // merge_size, w // merge_size
-        rows, cols = -(-h // window), -(-w // window)
-        index = torch.arange(t * h * w).view(t, h, w)
-        index = F.pad(index, (0, cols * window - w, 0, rows * window - h), value=-1)
-        index = index.view(t, rows, window, cols, window).transpose(2, 3).reshape(-1, window * window)
-        valid = index >= 0
-        orders.append(index[valid] + offset)
-        lengths.append(valid.sum(1))
-        offset += t * h * w
-    return torch.cat(orders), torch.cat(lengths)
 
 
 @merge_with_config_defaults
 @capture_outputs
 def _vision_forward(self, hidden_states, grid_thw, **kwargs):
-    given = [name for name in _PRECOMPUTED if kwargs.get(name) is not None]
-    if given:
-        raise TypeError(f"{given[0]}: the fastvl-patched vision tower derives it from grid_thw; do not pass it")
+    given = {name: kwargs.pop(name) for name in _PRECOMPUTED if kwargs.get(name) is not None}
     windowed = isinstance(self, Qwen2_5_VisionTransformerPretrainedModel)
     m = self.spatial_merge_size
     window = self.window_size // m // self.patch_size if windowed else None
+    if not torch.compiler.is_compiling():
+        report_reference(hidden_states.device, "fastvl.patch (vision tower)")
     layout = vision_layout(grid_thw, m, window, device=hidden_states.device)
+    if given:
+        layout = _precomputed(layout, given, m)
     hidden_states = self.patch_embed(hidden_states)
     if windowed:
         hidden_states = hidden_states.view(-1, m * m, hidden_states.shape[-1])
@@ -113,6 +55,37 @@ def _vision_forward(self, hidden_states, grid_thw, **kwargs):
     if windowed:
         merged = merged.index_select(0, layout.reverse_index)
     return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=merged)
+
+
+@torch.compiler.disable  # host reads of caller-given offsets
+def _precomputed(layout, given, merge_size):
+    """``layout`` with the parts a caller precomputed, as transformers' towers take them: position_ids [T, 2]
+    (row, col) in image order, cu_seqlens and max_seqlen per frame, window_index with cu_window_seqlens and
+    max_window_seqlen (Qwen2.5-VL)."""
+    device, unit = layout.positions.device, merge_size * merge_size
+
+    def offsets(cu_name, max_name, cu, longest):
+        cu = given[cu_name].to(device, torch.int32) if cu_name in given else cu
+        if max_name in given:
+            return cu, int(given[max_name])
+        return cu, longest if cu_name not in given else int(cu.diff().max()) if cu.numel() > 1 else 0
+
+    fields = dict(zip(("cu_seqlens", "max_seqlen"), offsets("cu_seqlens", "max_seqlen", layout.cu_seqlens,
+                                                           layout.max_seqlen)))
+    order = layout.window_index
+    if order is not None:
+        if "window_index" in given and "cu_window_seqlens" in given:  # transformers uses them as a pair
+            order = given["window_index"].to(device)
+            fields.update(window_index=order, reverse_index=torch.argsort(order))
+        fields["cu_window_seqlens"], fields["max_window_seqlen"] = offsets(
+            "cu_window_seqlens", "max_window_seqlen", layout.cu_window_seqlens, layout.max_window_seqlen)
+    if "position_ids" in given or "window_index" in fields:
+        positions = given.get("position_ids")
+        if positions is None:  # the derived ones, back to image order
+            positions = layout.positions.view(-1, unit, 2)[layout.reverse_index].view(-1, 2)
+        positions = positions.to(device, torch.int32)
+        fields["positions"] = positions if order is None else positions.view(-1, unit, 2)[order].view(-1, 2)
+    return layout._replace(**fields)
 
 
 def _attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, *, rope_pos, max_seqlen, **kwargs):
@@ -147,11 +120,6 @@ def is_patched(tower) -> bool:
 
 def patch_tower(tower):
     """Bind the fastvl forwards to ``tower`` and to its blocks' attention modules (idempotent)."""
-    for block in tower.blocks:
-        if block.attn.head_dim not in check.HEAD_DIMS:
-            raise ValueError(
-                f"model: vision head_dim {block.attn.head_dim} is not supported; expected one of {check.HEAD_DIMS}"
-            )
     if is_patched(tower):
         return
     tower.forward = types.MethodType(_vision_forward, tower)

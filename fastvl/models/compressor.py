@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..data.conversation import llm_grid
 from ..nn import PatchMerger, SpatialAttentionPool
 
 
@@ -53,7 +54,7 @@ class Project(Compressor):
         self.projector = mlp2x_gelu(config.vision_config.embed_dim, config.text_config.hidden_size)
 
     def llm_grid(self, t, h, w):
-        return t, h, w
+        return llm_grid(t, h, w, "none")
 
     def forward(self, x, taps, rows):
         return self.projector(x), None
@@ -72,7 +73,7 @@ class SpatialPool(Compressor):
         self.projector = mlp2x_gelu(vision.embed_dim, config.text_config.hidden_size)
 
     def llm_grid(self, t, h, w):
-        return t, math.ceil(h / self.window), math.ceil(w / self.window)
+        return llm_grid(t, h, w, "sap", window=self.window)
 
     def forward(self, x, taps, rows):
         if self.merge_size is not None:
@@ -93,7 +94,7 @@ class Merge(Compressor):
         )
 
     def llm_grid(self, t, h, w):
-        return t, h // self.merge_size, w // self.merge_size
+        return llm_grid(t, h, w, "patch_merge", merge_size=self.merge_size)
 
     def forward(self, x, taps, rows):
         return self.merger(x), None
@@ -132,7 +133,7 @@ class DeepStackEfficient(Compressor):
         self.merger_deepstack = PatchMerger(dim, out, 2 * m, hidden_dim=m * m * dim, norm=vision.norm)
 
     def llm_grid(self, t, h, w):
-        return t, h // (2 * self.merge_size), w // (2 * self.merge_size)
+        return llm_grid(t, h, w, "deepstack_efficient", merge_size=self.merge_size)
 
     def forward(self, x, taps, rows):
         m = 2 * self.merge_size

@@ -1,15 +1,15 @@
 """Vision towers: Qwen2-VL's native dynamic-resolution ViT and a fixed-resolution SigLIP-style ViT.
 
 Both run their images as one packed token sequence through ``fastvl.nn.VisionAttention``; the
-segment offsets (and the window plan) are computed once per forward on the host from the grids.
+layout (segment offsets, positions, the window plan) is computed once per forward on the host from the
+grids (``fastvl.layout``) and reaches the device in one copy.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .. import ops
+from ..layout import cu_seqlens, vision_layout
 from ..nn import VisionAttention
 
 
@@ -59,15 +59,6 @@ class VisionBlock(GradientCheckpointingLayer):
         return x + self.mlp(self.norm2(x))
 
 
-class Segments:
-    """Host-computed attention layout of a pack: int32 offsets on the device and the longest segment."""
-
-    def __init__(self, lengths, device):
-        lengths = [n for n in lengths if n]
-        self.cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(device, torch.int32)
-        self.max_seqlen = max(lengths, default=0)
-
-
 class VisionTower(nn.Module):
     """Blocks shared by both towers; ``forward`` returns (tokens [T, C], taps, grid rows (t, h, w))."""
 
@@ -79,14 +70,13 @@ class VisionTower(nn.Module):
     def run_blocks(self, x, segments, taps=(), rope_pos=None, windows=None, full_blocks=()):
         """Runs the blocks; returns the output and the inputs of blocks ``taps``.
 
-        ``windows`` (segments of the window-permuted sequence) replaces ``segments`` in every block
-        not listed in ``full_blocks``.
+        ``segments``: (cu_seqlens, max_seqlen); ``windows`` (the same for the window-permuted sequence)
+        replaces them in every block not listed in ``full_blocks``.
         """
         inputs = {}
         for i, block in enumerate(self.blocks):
             inputs[i] = x
-            layout = segments if windows is None or i in full_blocks else windows
-            x = block(x, layout.cu_seqlens, layout.max_seqlen, rope_pos)
+            x = block(x, *(segments if windows is None or i in full_blocks else windows), rope_pos)
         return x, [inputs[i] for i in taps]
 
 
@@ -113,26 +103,27 @@ class NativeVisionTower(VisionTower):
         grid_thw = grid_thw.cpu()
         if config.input_unit > 1:
             pixel_values, grid_thw = split_windows(pixel_values, grid_thw, config)
-        rope_pos = ops.vision_positions(grid_thw, m)  # checks grid_thw
+        window = config.window_size // (config.patch_size * m) if config.window_size else None
+        layout = vision_layout(grid_thw, m, window, pixel_values.device)  # checks grid_thw
+        if layout.positions.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"image_grid_thw covers {layout.positions.shape[0]} patches but pixel_values has {pixel_values.shape[0]} rows"
+            )
         rows = grid_thw.tolist()
-        if rope_pos.shape[0] != pixel_values.shape[0]:
-            raise ValueError(f"image_grid_thw covers {rope_pos.shape[0]} patches but pixel_values has {pixel_values.shape[0]} rows")
-        device = pixel_values.device
-        segments = Segments([h * w for t, h, w in rows for _ in range(t)], device)
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
-        rope_pos = rope_pos.to(device)
-        if not config.window_size:
-            x, tapped = self.run_blocks(x, segments, taps, rope_pos)
+        segments = (layout.cu_seqlens, layout.max_seqlen)
+        if window is None:
+            x, tapped = self.run_blocks(x, segments, taps, layout.positions)
             return x, tapped, rows
-        order, window_lengths = window_order(rows, m, config.window_size // (config.patch_size * m))
-        order = order.to(device)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=device)
+
+        def regroup(t, index):  # reorders the merge groups (m*m consecutive tokens)
+            return t.view(-1, m * m, t.shape[-1]).index_select(0, index).flatten(0, 1)
+
         x, tapped = self.run_blocks(
-            x[order], segments, taps, rope_pos[order], Segments(window_lengths, device),
-            set(config.fullatt_block_indexes or ()),
+            regroup(x, layout.window_index), segments, taps, layout.positions,
+            (layout.cu_window_seqlens, layout.max_window_seqlen), set(config.fullatt_block_indexes or ()),
         )
-        return x[inverse], [t[inverse] for t in tapped], rows
+        return regroup(x, layout.reverse_index), [regroup(t, layout.reverse_index) for t in tapped], rows
 
 
 def split_windows(pixel_values, grid_thw, config):
@@ -152,25 +143,6 @@ def split_windows(pixel_values, grid_thw, config):
     out = [x.reshape(t, h // m, w // m, m, m, c, t_patch, m, p, m, p).permute(0, 1, 3, 2, 4, 7, 9, 5, 6, 8, 10)
            .reshape(-1, c * t_patch * p * p) for x, (t, h, w) in zip(images, rows)]
     return torch.cat(out), grid_thw * torch.tensor([1, m, m])
-
-
-def window_order(rows, merge_size, window):
-    """Qwen2.5-VL windows: the patch permutation grouping each frame's ``window`` x ``window`` merged
-    tokens (edge windows partial, merge groups kept whole) and the patch count of every window."""
-    unit = merge_size * merge_size
-    order, lengths, offset = [], [], 0
-    for t, h, w in rows:
-        gh, gw = h // merge_size, w // merge_size
-        ids = torch.arange(t * gh * gw).view(t, gh, gw)
-        ids = F.pad(ids, (0, -gw % window, 0, -gh % window), value=-1)
-        nh, nw = ids.shape[1] // window, ids.shape[2] // window
-        ids = ids.view(t, nh, window, nw, window).permute(0, 1, 3, 2, 4).reshape(-1, window * window)
-        valid = ids >= 0
-        lengths += (valid.sum(1) * unit).tolist()
-        merged = ids[valid] + offset
-        order.append((merged[:, None] * unit + torch.arange(unit)).reshape(-1))
-        offset += t * gh * gw
-    return torch.cat(order), lengths
 
 
 class FixedVisionTower(VisionTower):
@@ -193,7 +165,7 @@ class FixedVisionTower(VisionTower):
         patches = pixel_values[:, :, : g * p, : g * p].reshape(n, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
         x = self.patch_embed(patches.reshape(n * g * g, c * p * p).to(self.patch_embed.weight.dtype))
         x = x + self.position_embedding.weight.repeat(n, 1)
-        x, tapped = self.run_blocks(x, Segments([g * g] * n, x.device), taps)
+        x, tapped = self.run_blocks(x, (cu_seqlens([g * g] * n, x.device), g * g if n else 0), taps)
         return x, tapped, [[1, g, g]] * n
 
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..reference.spatial_attention_pool import sap_window_index
+from ..reference.spatial_attention_pool import sap_pool
 
 
 class VisionAttention(nn.Module):
@@ -73,14 +73,8 @@ class SpatialAttentionPool(nn.Module):
         fc1, fc2 = self.mlp[0], self.mlp[3]
         if not (self.training and self.mlp[2].p > 0):
             return ops.spatial_attention_pool(x, grid_hw, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.window)
-        index, count = sap_window_index(grid_hw, self.window, x.device)
-        compute = torch.promote_types(x.dtype, torch.float32)
-        scores = self.mlp(x).squeeze(-1).to(compute)
-        peak = scores.new_full((count,), float("-inf")).scatter_reduce(0, index, scores.detach(), "amax")
-        e = torch.exp(scores - peak[index])
-        weights = e / e.new_zeros(count).index_add(0, index, e)[index]
-        out = scores.new_zeros(count, x.shape[1]).index_add(0, index, weights[:, None] * x.to(compute))
-        return out.to(x.dtype)
+        grid = torch.as_tensor(grid_hw, dtype=torch.int64).reshape(-1, 2)
+        return sap_pool(x, self.mlp(x).squeeze(-1), grid, self.window)
 
 
 class DeepStack:

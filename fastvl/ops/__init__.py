@@ -1,4 +1,9 @@
-"""Public ops: input checks, backend dispatch (triton / reference), autograd, torch.library registration."""
+"""Public ops: input checks, backend dispatch (triton / reference), autograd, torch.library registration.
+
+``kernel_module(name, *tensors)`` tells which Triton kernel module (or None: the reference) an op runs for
+these tensors under the current backend.
+"""
+from ._dispatch import kernel_module
 from .apply_rope_2d import apply_rope_2d
 from .deepstack_add import deepstack_add, deepstack_add_
 from .deepstack_groups import deepstack_groups, deepstack_index

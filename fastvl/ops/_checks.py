@@ -1,9 +1,12 @@
 """Input validation shared by the public ops: clear ValueError/TypeError naming the argument."""
+import math
+import numbers
+
 import torch
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTS = (torch.int32, torch.int64)
-HEAD_DIMS = (64, 72, 80, 96, 128)
+INT32_MAX = 2**31 - 1  # sizes and offsets index int32 in the kernels
 
 
 def _name(dtypes):
@@ -41,42 +44,54 @@ def same_dtype(name, t, ref_name, ref):
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
-def positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int):
+def positive_int(name, value, minimum=1, maximum=INT32_MAX):
+    """A Python int (numpy integers too, never a bool) in [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    value = int(value)
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
     return value
 
 
 def number(name, value, positive=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number (never a bool or a tensor) as a float; > 0 when ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        value = math.inf if value > 0 else -math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
-    return float(value)
+    return value
 
 
 def cu_seqlens(name, cu, total, device, max_seqlen=None, max_name="max_seqlen"):
     """Validate int32 [B+1] cumulative lengths (0 first, non-decreasing, ``total`` last) on ``device``.
 
-    Returns the longest segment (or an upper bound of it). On CUDA with ``max_seqlen`` given the
-    values are trusted and no host sync happens; otherwise one sync reads first, last, monotonicity
-    and the maximum together. Under torch.compile values are not read (no graph break): the token
-    count then bounds ``max_seqlen``.
+    Returns the longest segment (or an upper bound of it). ``max_seqlen`` never exceeds ``total``.
+    On CUDA with ``max_seqlen`` given the values are trusted and no host sync happens; otherwise one
+    sync reads first, last, monotonicity and the maximum together. Under torch.compile values are
+    not read (no graph break): the token count then bounds ``max_seqlen``.
     """
     tensor(name, cu, dtypes=(torch.int32,), ndim=1, device=device)
     if cu.numel() < 1:
         raise ValueError(f"{name} must have at least one element (0), got an empty tensor")
     if max_seqlen is not None:
         positive_int(max_name, max_seqlen, minimum=0)
+        if max_seqlen > total:
+            raise ValueError(f"{max_name}={max_seqlen} exceeds the token count {total}")
         if cu.device.type == "cuda" or torch.compiler.is_compiling():
             return max_seqlen
     elif torch.compiler.is_compiling():
         return total
+    cu = cu.to(torch.int64)  # int32 differences wrap around
     lengths = cu[1:] - cu[:-1]
     first, last, bad, longest = torch.stack([
-        cu[0], cu[-1], (lengths < 0).sum().to(cu.dtype), lengths.max() if lengths.numel() else cu[0] * 0,
+        cu[0], cu[-1], (lengths < 0).sum(), lengths.max() if lengths.numel() else cu[0] * 0,
     ]).tolist()
     if first != 0:
         raise ValueError(f"{name} must start at 0, got {first}")
@@ -105,4 +120,7 @@ def grid(name, g, columns, sequences=False):
         rows = g.tolist()
     if any(v < 1 for row in rows for v in row):
         raise ValueError(f"{name} must hold positive sizes, got {rows}")
+    tokens = sum(math.prod(row) for row in rows)
+    if tokens > INT32_MAX:
+        raise ValueError(f"{name} covers {tokens} tokens, more than {INT32_MAX}")
     return rows

@@ -5,27 +5,46 @@ import importlib
 import torch
 
 from .. import _native
-from .._backend import resolve
+from .._backend import fallback, get_backend, interpreting, resolve
 
 
-def kernel_module(name, *tensors):
+def kernel_module(name, *tensors, arg="x", head_dim=None):
     """The kernels of op ``name`` for these inputs: ``fastvl.kernels.<name>`` on the Triton backend, the
-    native CPU module (same interface) on the native one; None for the reference.
+    native CPU module (same interface) on the native one; None when the reference runs.
 
-    float64 always runs the reference: the kernels compute in fp16/bf16/fp32.
+    Inputs the kernels do not cover run the reference: float64 (the kernels compute in fp16, bf16
+    or fp32), bf16 in the Triton interpreter (which computes it wrongly), a ``head_dim`` outside
+    the module's ``HEAD_DIMS``. When the backend was chosen automatically the first such call warns
+    (FallbackWarning); with 'triton' forced, bf16 and head_dim raise, naming ``arg``, and float64
+    runs the reference silently.
     """
     first = tensors[0]
     backend = resolve(first.device)
-    if backend == "reference" or any(t is not None and t.dtype == torch.float64 for t in tensors):
+    if backend == "reference":
         return None
-    if backend == "native":
-        return _native.module(name)
+    if backend == "native":  # float64 is the specification's precision: the reference runs it
+        return None if any(t is not None and t.dtype == torch.float64 for t in tensors) else _native.module(name)
     try:
-        return importlib.import_module(f"fastvl.kernels.{name}")
+        module = importlib.import_module(f"fastvl.kernels.{name}")
     except ModuleNotFoundError as exc:
         if exc.name != f"fastvl.kernels.{name}":
             raise
         return None  # no kernel for this op yet: its reference runs
+    error = None
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        reason = f"{arg}: float64 has no Triton kernel (they compute in float16, bfloat16 and float32)"
+    elif first.dtype == torch.bfloat16 and first.device.type == "cpu" and interpreting():
+        reason, error = f"{arg}: bfloat16 on CPU: the Triton interpreter computes bfloat16 wrongly", TypeError
+    elif head_dim is not None and head_dim not in module.HEAD_DIMS:
+        reason, error = f"{arg}: head_dim {head_dim} has no Triton kernel (head dims {module.HEAD_DIMS})", ValueError
+    else:
+        return module
+    forced = get_backend() == "triton"
+    if forced and error is not None:
+        raise error(f"{reason}; the reference backend runs these inputs")
+    if not forced:
+        fallback(f"{name}: {reason}; running the reference implementation")
+    return None
 
 
 def reference_vjp(fn, inputs, grad_outputs, *args, **kwargs):

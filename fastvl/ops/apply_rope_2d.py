@@ -21,7 +21,7 @@ def apply_rope_2d(x, pos, theta=10000.0):
 def _rope(x: Tensor, pos: Tensor, theta: float, inverse: bool) -> Tensor:
     kernel = kernel_module("apply_rope_2d", x)
     if kernel is not None:
-        return kernel.apply_rope_2d(x, pos, theta, inverse)
+        return kernel.forward(x, pos, theta, inverse)
     return reference.apply_rope_2d(x, pos, theta, inverse=inverse)
 
 

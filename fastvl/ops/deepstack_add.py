@@ -52,7 +52,7 @@ def _check(hidden, index, stacked):
 
 @torch.library.custom_op("fastvl::deepstack_add", mutates_args=())
 def _forward(hidden: Tensor, index: Tensor, stacked: Tensor) -> Tensor:
-    kernel = kernel_module("deepstack_add", hidden)
+    kernel = kernel_module("deepstack_add", hidden, arg="hidden")
     if kernel is not None:
         return kernel.forward(hidden, index, stacked)
     return reference.deepstack_add(hidden, index, stacked)
@@ -77,9 +77,9 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("fastvl::deepstack_add_", mutates_args=("hidden",))
 def _forward_(hidden: Tensor, index: Tensor, stacked: Tensor) -> None:
-    kernel = kernel_module("deepstack_add", hidden)
+    kernel = kernel_module("deepstack_add", hidden, arg="hidden")
     if kernel is not None:
-        kernel.forward_(hidden, index, stacked)
+        kernel.forward(hidden, index, stacked, inplace=True)
     else:
         hidden.copy_(reference.deepstack_add(hidden, index, stacked))
 

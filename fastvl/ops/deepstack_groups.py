@@ -55,4 +55,4 @@ def deepstack_groups(x, grid_thw, order="spatial"):
     index = deepstack_index(grid_thw, order, x.device)
     if index.numel() != x.shape[0]:
         raise ValueError(f"grid_thw covers {index.numel()} merged tokens (t*h*w/4 per image) but x has {x.shape[0]}")
-    return x.index_select(0, index.reshape(-1)).view(4, -1, x.shape[1])
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, x.shape[1])

@@ -15,7 +15,8 @@ def varlen_attention(
 ):
     """softmax(q k^T * scale) v within each segment of a packed batch.
 
-    q [Tq, H, D], k and v [Tk, Hk, D] (GQA when Hk < H, H % Hk == 0), D in 64/72/80/96/128;
+    q [Tq, H, D], k and v [Tk, Hk, D] (GQA when Hk < H, H % Hk == 0; the Triton kernels take D in
+    64/72/80/96/128, other head dims run the reference);
     ``cu_seqlens_q``/``cu_seqlens_k``: int32 [B+1] segment offsets (``cu_seqlens_k`` defaults to
     ``cu_seqlens_q``). ``causal`` masks bottom-right aligned. ``rope_pos`` [Tq, 2] int32 (row, col)
     rotates q and k inside the kernel (self-attention only). Passing ``max_seqlen_*`` avoids a
@@ -29,8 +30,8 @@ def varlen_attention(
     check.same_dtype("v", v, "q", q)
     tq, heads, dim = q.shape
     tk, kv_heads = k.shape[0], k.shape[1]
-    if dim not in check.HEAD_DIMS:
-        raise ValueError(f"q: head_dim {dim} is not supported; expected one of {check.HEAD_DIMS}")
+    if dim < 1:
+        raise ValueError(f"q: head_dim must be >= 1, got shape {tuple(q.shape)}")
     check.shape("k", k, (None, None, dim))
     check.shape("v", v, (tk, kv_heads, dim))
     if kv_heads < 1 or heads % kv_heads:
@@ -56,6 +57,8 @@ def varlen_attention(
     if rope_pos is not None:
         check.tensor("rope_pos", rope_pos, dtypes=(torch.int32,), ndim=2, device=device)
         check.shape("rope_pos", rope_pos, (tq, 2))
+        if dim % 4:
+            raise ValueError(f"rope_pos: 2D RoPE needs a head_dim multiple of 4, q has {dim}")
         if not self_attention and cu_seqlens_k is not cu_seqlens_q:
             raise ValueError("rope_pos needs self-attention: leave cu_seqlens_k as None")
     out, _ = torch.ops.fastvl.varlen_attention(
@@ -77,7 +80,7 @@ def _forward(
     causal: bool, scale: float, rope_pos: Optional[Tensor], theta: float,
 ) -> tuple[Tensor, Tensor]:
     """(out [Tq, H, D], lse [H, Tq] fp32)."""
-    kernel = kernel_module("varlen_attention", q, k, v)
+    kernel = kernel_module("varlen_attention", q, k, v, arg="q", head_dim=q.shape[2])
     if kernel is not None:
         return kernel.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta)
     return _reference(q, k, v, cu_q, cu_k, causal, scale, rope_pos, theta, return_lse=True)
@@ -93,7 +96,7 @@ def _backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
     max_q: int, max_k: int, causal: bool, scale: float, rope_pos: Optional[Tensor], theta: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    kernel = kernel_module("varlen_attention", q, k, v)
+    kernel = kernel_module("varlen_attention", q, k, v, arg="q", head_dim=q.shape[2])
     if kernel is not None:
         return kernel.backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta)
     dq, dk, dv = reference_vjp(_reference, [q, k, v], grad_out, cu_q, cu_k, causal, scale, rope_pos, theta)
