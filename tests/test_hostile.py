@@ -129,8 +129,7 @@ def test_generate_unreadable_images(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("size", [(10000, 10), (10, 10000)])
 def test_generate_elongated_image(size, tmp_path, capsys, monkeypatch):
     """An aspect ratio the model's processor refuses exits 2 naming the image (the loaders are stubbed)."""
-    import transformers
-
+    import fastvl.models
     from fastvl.models import FastVLConfig, FastVLForConditionalGeneration
 
     config = FastVLConfig(
@@ -139,8 +138,8 @@ def test_generate_elongated_image(size, tmp_path, capsys, monkeypatch):
                          num_key_value_heads=1, vocab_size=16),
     )
     model = FastVLForConditionalGeneration(config)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: model)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: None)
+    monkeypatch.setattr(FastVLForConditionalGeneration, "from_pretrained", lambda *args, **kwargs: model)
+    monkeypatch.setattr(fastvl.models, "load_tokenizer", lambda *args, **kwargs: None)
     (tmp_path / "config.json").write_text("{}")
     path = tmp_path / "long.png"
     Image.new("RGB", size).save(path)

@@ -13,7 +13,7 @@ import fastvl
 from fastvl import _native
 from fastvl.reference.apply_rope_2d import apply_rope_2d as rope_reference
 from fastvl.reference.varlen_attention import varlen_attention as attention_reference
-from fastvl.testing import assert_close, cu_seqlens, generator, randn, random_lengths, sap_window_loop
+from fastvl.testing import assert_close, cu_seqlens, generator, randn, sap_window_loop
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -63,7 +63,7 @@ def _check_against_reference(fn, inputs, dtype, skip_grads=()):
 
 
 def _pack(gen, count):
-    lengths = random_lengths(gen, count, 1, 150)
+    lengths = torch.randint(1, 151, (count,), generator=gen).tolist()
     grids = torch.tensor([[1, n, 1] for n in lengths])  # any (row, col) pairs serve the rotation
     pos = torch.randint(0, 40, (sum(lengths), 2), generator=gen, dtype=torch.int32)
     return lengths, grids, pos
@@ -283,7 +283,7 @@ def test_native_backend_needs_cpu_tensors():
 
 def test_validation_before_dispatch():
     q = torch.randn(5, 2, 48)
-    with pytest.raises(ValueError, match="head_dim 48"):
-        fastvl.varlen_attention(q, q, q, cu_seqlens([5]))
+    with pytest.raises(ValueError, match="rope_pos needs a head_dim that is a multiple of 4|rope_pos must"):
+        fastvl.varlen_attention(q, q, q, cu_seqlens([5]), rope_pos=torch.zeros(4, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="cu_seqlens_q must end at the token count 5"):
         fastvl.varlen_attention(torch.randn(5, 2, 64), torch.randn(5, 2, 64), torch.randn(5, 2, 64), cu_seqlens([4]))
