@@ -7,5 +7,12 @@ venv=${FASTVL_VENV:-.venv}
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,bench,hf]"
+# pip runs only when what the install depends on changed: a stamp in the venv of the install command, this
+# checkout's path and the hashes of setup.py and constraints.txt (an editable install follows the sources).
+install=(-m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,bench,hf]")
+stamp=$( (echo "${install[*]}" "$PWD"; cat setup.py constraints.txt) | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$venv/.fastvl-install" 2>/dev/null)" != "$stamp" ]; then
+    "$venv/bin/python" "${install[@]}"
+    echo "$stamp" >"$venv/.fastvl-install"
+fi
 echo "$venv"
