@@ -7,4 +7,18 @@ cd "$(dirname "$0")/.."
 venv=$(bash scripts/setup.sh | tail -n 1)
 export TRITON_DEFAULT_FP_FUSION=1
 "$venv/bin/fastvl" gate
+# The gate again with triton 3.6, the GPU images' version, so that an API difference shows without a GPU: a
+# second environment (FASTVL_TRITON36_VENV, default .venv-triton36, kept between runs) holds triton 3.6 alone
+# and reads torch, numpy and fastvl from the first one.
+old=${FASTVL_TRITON36_VENV:-.venv-triton36}
+if [ "$("$old/bin/python" -c 'import triton; print(triton.__version__)' 2>/dev/null)" != 3.6.0 ]; then
+    rm -rf "$old"
+    python3 -m venv "$old"
+    "$old/bin/python" -m pip install -q --disable-pip-version-check triton==3.6.0
+fi
+site() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+echo "import site; site.addsitedir('$(cd "$(site "$venv")" && pwd)')" >"$(site "$old")/fastvl-base.pth"
+"$old/bin/python" -m fastvl.cli gate
+# The GPU check's flow on this CPU (tiny shapes, CUDA-only steps skipped)
+bash scripts/gpu-check.sh --dry-run
 "$venv/bin/python" -m pytest -n "${FASTVL_TEST_WORKERS:-2}" -q "$@"
