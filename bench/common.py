@@ -47,18 +47,21 @@ def commit() -> str:
         return "unknown"
 
 
-def environment(device) -> dict:
-    import triton
+def _version(package):
+    """An installed package's version without importing it (transformers takes seconds to import)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        import transformers
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
-        hf = transformers.__version__
-    except ImportError:
-        hf = None
+
+def environment(device) -> dict:
     return {
-        "device": device_name(device), "commit": commit(), "torch": torch.__version__, "triton": triton.__version__,
-        "transformers": hf, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": device_name(device), "commit": commit(), "torch": torch.__version__, "triton": _version("triton"),
+        "transformers": _version("transformers"), "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
