@@ -38,6 +38,12 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def default_backend(device) -> str:
+    """The fastvl backend a suite runs its ops on unless a row names one: the Triton kernels on a GPU, the
+    reference on a CPU (never the Triton interpreter, even with TRITON_INTERPRET=1)."""
+    return "triton" if is_cuda(device) else "reference"
+
+
 def commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))

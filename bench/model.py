@@ -15,7 +15,7 @@ The efficiency table of the FlashSloth paper, for models built from configs on t
 Per row: ``tflops`` the FLOPs (an amount, in TFLOP) of one prefill — vision tower, compressor and LLM over
 the prompt, logits of the last token — counted by FlopCounterMode (``flops.py``: attention included);
 ``prefill_ms`` that forward's latency; ``decode_tok_s`` greedy decoding with the KV cache, batch 1
-(tokens after the first over the time between the first and the last; ``decode_ms`` per token);
+(64 timed decode steps on a GPU, 16 on a CPU, after one untimed step; ``decode_ms`` per token);
 ``peak_mb`` the peak GPU memory of a whole ``generate`` (weights included); ``image_tokens`` in the LLM;
 ratios against the family's baseline (``vs``). On a GPU the sizes are real and bf16; on a CPU every width
 and depth is scaled down (token counts stay real: 729/81/405, the same grids), fp32, and the fastvl ops run
@@ -249,7 +249,7 @@ def measure(model, inputs, device, plan, sz):
     def prefill():
         return model(**inputs, use_cache=True, logits_to_keep=1)
 
-    steps = sz.new_tokens + 1  # the first new token comes from the prefill
+    steps = sz.new_tokens + 2  # the first new token comes from the prefill, the first decode step warms up
 
     def generate():
         clock = _Clock()
@@ -259,12 +259,12 @@ def measure(model, inputs, device, plan, sz):
     with torch.no_grad():  # as generate() (the fastvl attention of an LLM does not take inference tensors)
         _, flop = flops.count(prefill)
         row = {"tflops": flop / 1e12, "gflop": flop / 1e9, **common.measure(prefill, device, plan).row("prefill_ms")}
-        generate()  # warm-up
         per_token = []
         for _ in range(sz.decode_runs):
             clock = generate()
-            # the streamer sees the prompt, then each new token: decode steps lie between new tokens 1 and N
-            per_token.append((clock.times[-1] - clock.times[1]) * 1e3 / (steps - 1))
+            # the streamer sees the prompt, then each new token (the first from the prefill): the first decode
+            # step is a warm-up, the time from new token 2 to new token N is timed
+            per_token.append((clock.times[-1] - clock.times[2]) * 1e3 / (steps - 2))
         row.update(common.Timing(tuple(per_token)).row("decode_ms"))
         row["decode_tok_s"] = 1e3 / row["decode_ms"]
         row["peak_mb"] = common.peak_memory_mb(generate, device, total=True)
@@ -293,7 +293,7 @@ def run(device, quick, only=None):
     dtype = common.bench_dtype(device)
     plan = common.budget(device, quick)
     label = common.device_name(device)
-    backend = "triton" if cuda else "reference"
+    backend = common.default_backend(device)
     work = [(family, impl) for family, registry in FAMILIES.items() for impl in registry.runnable(device)
             if only is None or re.search(only, f"{family} {impl.name}")]
     rows = []
@@ -306,7 +306,7 @@ def run(device, quick, only=None):
         gen = torch.Generator().manual_seed(0)
         try:
             build, make_inputs = impl.fn(sz)
-            with fastvl.use_backend(impl.backend):
+            with fastvl.use_backend(impl.backend or backend):
                 model = build(device, dtype)
                 inputs, image_tokens = make_inputs(model, device, dtype, gen)
                 row = {**base, "backend": impl.backend or backend, "image_tokens": image_tokens,

@@ -101,14 +101,14 @@ def run(device, quick, only=None):
         name = f"hf-{hf_attention(device)}" if impl.name == "hf" else impl.name
         bar.set_postfix_str(name)
         try:
-            with fastvl.use_backend(impl.backend):
+            with fastvl.use_backend(impl.backend or common.default_backend(device)):
                 step = step_fn(impl.fn(tower), pixels, grid, dout)
                 timing = common.measure(step, device, plan).row("step_ms")
                 for p in tower.parameters():
                     p.grad = None
                 peak = common.peak_memory_mb(step, device)
-            row = {**common_row, "impl": name, "backend": None if impl.name == "hf" else impl.backend or
-                   ("triton" if cuda else "reference"), "tokens": tokens, **timing,
+            row = {**common_row, "impl": name, "tokens": tokens, **timing,
+                   "backend": None if impl.name == "hf" else impl.backend or common.default_backend(device),
                    "tokens_s": tokens / timing["step_ms"] * 1e3, "peak_mb": peak}
         except Exception as exc:  # noqa: BLE001 - reported, the other implementation still runs
             row = common.failed_row(common_row, name, exc)

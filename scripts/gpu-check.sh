@@ -27,7 +27,8 @@ export TRITON_DEFAULT_FP_FUSION=1
 export PYTHONUNBUFFERED=1
 
 if [ $dry = 1 ]; then
-    py="$(bash scripts/setup.sh | tail -n 1)/bin/python"
+    venv=$(bash scripts/setup.sh | tail -n 1)
+    py="$(cd "$venv" && pwd)/bin/python"
     quick=--quick
 else
     py=${PYTHON:-$(command -v python3 || command -v python)}
@@ -37,8 +38,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # ------------------------------------------------------------------ install
-# pip over the machine's own packages; if that fails (an old setuptools without editable installs of mapped
-# packages), a folder of links laid out as the installed package, on PYTHONPATH, serves the same modules.
+# pip over the machine's own packages; if fastvl is not importable after it (an old setuptools without
+# editable installs of mapped packages), a folder of links laid out as the installed package, on PYTHONPATH,
+# serves the same modules. Python runs from a scratch folder, so that ./fastvl never shadows either.
 link_package() {
     mkdir -p "$work/pkg/fastvl"
     for f in "$repo"/fastvl/*; do ln -s "$f" "$work/pkg/fastvl/"; done
@@ -46,12 +48,10 @@ link_package() {
     ln -s "$repo/bench" "$work/pkg/fastvl/bench"
     export PYTHONPATH="$work/pkg${PYTHONPATH:+:$PYTHONPATH}"
 }
-if [ $dry = 1 ]; then
-    # the venv has fastvl already: check that pip could install it as the GPU run does, and use the links
-    install=("$py" -m pip install --dry-run --no-deps --no-build-isolation -q -e .)
-    link_package
+if [ $dry = 1 ]; then  # the venv has fastvl already: check that pip could install it so, then use the links
+    install=("$py" -m pip install --dry-run --no-deps --no-build-isolation -q -e "$repo")
 else
-    install=("$py" -m pip install --no-deps --no-build-isolation --no-index -q -e .)
+    install=("$py" -m pip install --no-deps --no-build-isolation --no-index -q -e "$repo")
 fi
 where=$("$py" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")' 2>/dev/null)
 if [ -z "$where" ]; then
@@ -92,14 +92,20 @@ step() {
     echo "== $name: exit $rc after $(($(date +%s) - t0))s" | tee -a "$log"
 }
 
+cd "$work"
 step install 60 "${install[@]}"
+if [ $dry = 1 ] || ! "$py" -c "import os, sys, fastvl.bench, fastvl.kernels
+sys.exit(not os.path.realpath(fastvl.__file__).startswith(os.path.realpath(sys.argv[1])))" "$repo" 2>/dev/null; then
+    [ $dry = 1 ] || echo "gpu-check: fastvl from this checkout is not importable after pip: using linked files" | tee -a "$log"
+    link_package
+fi
 step versions 20 "$py" -c 'import fastvl, fastvl.bench, fastvl.kernels, torch, triton, transformers
 print("fastvl from", fastvl.__file__); print("torch", torch.__version__, "triton", triton.__version__,
 "transformers", transformers.__version__); print("cuda", torch.version.cuda, torch.cuda.is_available())'
 if [ $dry = 0 ]; then
     nvidia-smi >"$res/nvidia-smi.log" 2>&1 || true
 fi
-step pytest 120 "$py" -m pytest -m gpu -q -p no:cacheprovider tests
+step pytest 120 "$py" -m pytest -m gpu -q -p no:cacheprovider -c "$repo/pytest.ini" --rootdir "$repo" "$repo/tests"
 # suites: the new whole-model and tower results first, the op suites (which overlap) last; attention on
 # the packs its targets name
 step vit-train 60 "$py" -m fastvl.cli bench --suite vit-train $quick --out "$res"

@@ -21,7 +21,7 @@ def test_flashsloth_family_follows_the_paper():
         assert r["scale"] == "scaled" and r["vs"] == "uncompressed" and r["decode_tok_s"] > 0
         assert math.isclose(r["flops_ratio"], r["tflops"] / by["uncompressed"]["tflops"])
     # SAP 729 -> 81 cuts the LLM's work; HD pays 5 ViT crops for its 405 tokens
-    assert by["sap+embq"]["flops_ratio"] < 0.5 < by["hd sap+embq"]["flops_ratio"]
+    assert by["sap+embq"]["flops_ratio"] < 1 < by["hd sap+embq"]["flops_ratio"]
 
 
 def test_patching_hf_qwen2_vl_keeps_its_flops():
