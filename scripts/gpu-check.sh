@@ -29,10 +29,8 @@ export PYTHONUNBUFFERED=1
 if [ $dry = 1 ]; then
     venv=$(bash scripts/setup.sh | tail -n 1)
     py="$(cd "$venv" && pwd)/bin/python"
-    quick=--quick
 else
     py=${PYTHON:-$(command -v python3 || command -v python)}
-    quick=
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -93,13 +91,13 @@ step() {
 }
 
 cd "$work"
-step install 60 "${install[@]}"
+step install 45 "${install[@]}"
 if [ $dry = 1 ] || ! "$py" -c "import os, sys, fastvl.bench, fastvl.kernels
 sys.exit(not os.path.realpath(fastvl.__file__).startswith(os.path.realpath(sys.argv[1])))" "$repo" 2>/dev/null; then
     [ $dry = 1 ] || echo "gpu-check: fastvl from this checkout is not importable after pip: using linked files" | tee -a "$log"
     link_package
 fi
-step versions 20 "$py" -c 'import fastvl, fastvl.bench, fastvl.kernels, torch, triton, transformers
+step versions 30 "$py" -c 'import fastvl, fastvl.bench, fastvl.kernels, torch, triton, transformers
 print("fastvl from", fastvl.__file__); print("torch", torch.__version__, "triton", triton.__version__,
 "transformers", transformers.__version__); print("cuda", torch.version.cuda, torch.cuda.is_available())'
 if [ $dry = 0 ]; then
@@ -107,16 +105,16 @@ if [ $dry = 0 ]; then
 fi
 step pytest 120 "$py" -m pytest -m gpu -q -p no:cacheprovider -c "$repo/pytest.ini" --rootdir "$repo" "$repo/tests"
 # suites: the new whole-model and tower results first, the op suites (which overlap) last; attention on
-# the packs its targets name
-step vit-train 60 "$py" -m fastvl.cli bench --suite vit-train $quick --out "$res"
-step model 120 "$py" -m fastvl.cli bench --suite model $quick --out "$res"
+# the packs its targets name. A dry run runs them in one process (tiny shapes: imports would dominate).
 if [ $dry = 1 ]; then
-    step attention 60 "$py" -m fastvl.cli bench --suite attention $quick --out "$res"
+    step suites 150 "$py" -m fastvl.cli bench --suite vit-train,model,attention,compression,ops --quick --out "$res"
 else
-    step attention 110 "$py" -m fastvl.cli bench --suite attention --case '16k|64x256' --out "$res"
+    step vit-train 50 "$py" -m fastvl.cli bench --suite vit-train --out "$res"
+    step model 110 "$py" -m fastvl.cli bench --suite model --out "$res"
+    step attention 100 "$py" -m fastvl.cli bench --suite attention --case '16k|64x256' --out "$res"
+    step compression 45 "$py" -m fastvl.cli bench --suite compression --out "$res"
+    step ops 30 "$py" -m fastvl.cli bench --suite ops --out "$res"
 fi
-step compression 50 "$py" -m fastvl.cli bench --suite compression $quick --out "$res"
-step ops 40 "$py" -m fastvl.cli bench --suite ops $quick --out "$res"
 # the summary runs whatever time is left
 deadline=$((deadline + 15))
 step summary 15 "$py" -m fastvl.bench.summary "$res"
