@@ -57,7 +57,8 @@ def render(folder):
             with open(path) as f:
                 env = json.load(f)["environment"]
             break
-    out.append("# fastvl GPU check" if env and not env["device"].startswith("cpu") else "# fastvl check (CPU dry run)")
+    cpu = env is not None and env["device"].startswith("cpu")
+    out.append("# fastvl check on a CPU" if cpu else "# fastvl GPU check")
     if env:
         out.append(f"{env['device']}; commit {env['commit']}; torch {env['torch']}, triton {env['triton']}, "
                    f"transformers {env['transformers']}; {env['date']}")
@@ -71,7 +72,7 @@ def render(folder):
     if tail:
         out += ["", f"pytest -m gpu: {tail}"]
     out += ["", "## Targets (measured ratio beside each target)", ""]
-    if env and env["device"].startswith("cpu"):
+    if cpu:
         out += ["A CPU run: fastvl's ops ran their PyTorch reference on scaled-down shapes, so the GPU targets below "
                 "are not measured by it.", ""]
     tables = []

@@ -67,7 +67,7 @@ fi
 mkdir -p "$res"
 rm -f "$res/steps.tsv" "$res"/*.rows.jsonl "$res/summary.md"
 log="$res/gpu-check.log"
-echo "gpu-check on $where ($([ $dry = 1 ] && echo 'dry run, tiny shapes' || echo 'real shapes')); results in ${OUT:-$res}" | tee "$log"
+echo "gpu-check on $where ($([ $dry = 1 ] && echo 'dry run, tiny shapes' || echo 'full run')); results in ${OUT:-$res}" | tee "$log"
 
 # step NAME BUDGET_SECONDS COMMAND...: runs under `timeout` (the budget, cut to the time left before the
 # deadline), output shown and kept in <res>/NAME.log; status recorded in steps.tsv
