@@ -21,6 +21,7 @@ ratios against the family's baseline (``vs``). On a GPU the sizes are real and b
 and depth is scaled down (token counts stay real: 729/81/405, the same grids), fp32, and the fastvl ops run
 their PyTorch reference.
 """
+import inspect
 import sys
 import time
 from dataclasses import dataclass
@@ -205,9 +206,11 @@ def qwen2_vl(patch=None):
             ids += [tokens["vision_end_token_id"]] + _ids(gen, vocab, question + after)
             ids = torch.tensor([ids], device=device)
             pixels = torch.randn(sz.grid * sz.grid, 3 * 2 * 14 * 14, generator=gen).to(device, dtype)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
-                    "image_grid_thw": torch.tensor([[1, sz.grid, sz.grid]], device=device),
-                    "mm_token_type_ids": (ids == tokens["image_token_id"]).int()}, n
+            found = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
+                     "image_grid_thw": torch.tensor([[1, sz.grid, sz.grid]], device=device)}
+            if "mm_token_type_ids" in inspect.signature(type(model).forward).parameters:  # not in older transformers
+                found["mm_token_type_ids"] = (ids == tokens["image_token_id"]).int()
+            return found, n
 
         return build, inputs
     return make
