@@ -87,7 +87,7 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "transformers>=5.0"],
         "hf": ["transformers>=5.0", "safetensors", "pillow"],
         "train": ["deepspeed"],
-        "bench": ["matplotlib"],
+        "bench": ["matplotlib", "tqdm"],
         "gpu": ["flash-attn", "xformers"],
     },
     entry_points={"console_scripts": ["fastvl=fastvl.cli:main"]},

@@ -16,43 +16,44 @@ Implementations (each rotates q and k by the same 2D RoPE, then attends within e
 The torch rotary's cos/sin tables and the FlexAttention block mask are built once per pack outside
 the timings (a model shares them across its layers); fastvl computes its angles inside every call.
 
-CUDA runs bf16 on the full packs. On CPU (fp32, small packs, labelled ``cpu`` in every row and case)
-only the reference and the torch paths run: the Triton kernels would run in the interpreter, which is
-no performance number. ``python -m fastvl.bench.attention [--quick] [--out DIR] [--case REGEX]``
-writes DIR/attention.json and DIR/attention.png (bench/results/<device>/ by default; with --case the
-files are named after the filter, so that a GPU run can be split into commands of a few minutes).
+CUDA runs bf16 on the full packs (and a pack of 64 images of 256 tokens, and head_dim 128 on the 16k pack:
+the DESIGN targets). On CPU (fp32, small packs, labelled ``cpu`` in every row and case) only the reference and
+the torch paths run: the Triton kernels would run in the interpreter, which is no performance number.
+``python -m fastvl.bench.attention [--quick] [--out DIR] [--case REGEX]`` writes DIR/attention.json and
+DIR/attention.png.
 """
-import argparse
-import importlib.util
 import re
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import fastvl
-from fastvl import _native
-from fastvl.ops import kernel_module
 from fastvl.reference.apply_rope_2d import rope_2d_angles
 from fastvl.testing import rel_err
 
-from .common import (
-    bar_plot, default_out, device_name, environment, measured, peak_memory_mb, print_skipped, save_results, slug,
-    time_ms,
-)
+from . import common
+from .common import NATIVE_ONLY, TRITON_ONLY, Registry, is_cuda, measured, needs_cuda, needs_module
 
+SUITE = "attention"
 OP = "varlen_attention+rope_2d"
+TITLE = ("varlen attention + 2D RoPE over packs of mixed-resolution images: forward and forward+backward "
+         "(TFLOP/s: 4*sum(L^2)*H*D forward, 2.5x backward)")
+COLUMNS = (("case", "case"), ("impl", "impl"), ("backend", "fastvl ops"), ("fwd_ms", "fwd (min-max)"),
+           ("fwd_bwd_ms", "fwd+bwd (min-max)"), ("tflops", "fwd TFLOP/s"), ("tflops_fwd_bwd", "fwd+bwd TFLOP/s"),
+           ("peak_mb", "peak MiB"), ("rel_err", "err vs ref"), ("vs", "vs"), ("speedup", "fwd+bwd speedup"))
 THETA = 10000.0
 MODELS = {  # heads, head_dim, merge size of the position order
     "qwen2vl-vit": (16, 80, 2),
     "siglip-so400m": (16, 72, 1),
 }
+HEAD_DIM_128 = {"d128": (16, 128, 2)}  # CUDA: the forward-efficiency target at head_dim 128
 # (h, w) patch grids of the images of one pack
 PACKS_CUDA = {
     "1k": [(24, 24), (16, 28)],
     "4k": [(36, 52), (32, 32), (20, 28), (12, 16)],
     "16k": [(92, 92), (64, 64), (40, 56), (28, 40), (16, 16), (12, 20)],
+    "64x256": [(16, 16)] * 64,  # many small images
 }
 PACKS_CPU = {
     "cpu-200": [(8, 12), (6, 10), (4, 6), (2, 2)],
@@ -69,11 +70,11 @@ class Case:
 
     def __init__(self, model, pack, grids, device, dtype):
         self.model, self.pack, self.grids, self.device, self.dtype = model, pack, grids, device, dtype
-        self.heads, self.head_dim, merge = MODELS[model]
+        self.heads, self.head_dim, merge = {**MODELS, **HEAD_DIM_128}[model]
         self.lengths = [h * w for h, w in grids]
         self.tokens, self.max_len = sum(self.lengths), max(self.lengths)
         self.pos = fastvl.vision_positions(torch.tensor([[1, h, w] for h, w in grids]), merge).to(device)
-        self.cu = fastvl.layout.cu_seqlens(self.lengths, device)
+        self.cu = torch.tensor([0, *torch.tensor(self.lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
         angles = rope_2d_angles(self.pos, self.head_dim, THETA)
         emb = torch.cat([angles, angles], dim=-1)[:, None, :]  # transformers' layout: [h | w | h | w]
         self.cos, self.sin = emb.cos(), emb.sin()
@@ -81,7 +82,7 @@ class Case:
 
     @property
     def name(self):
-        bf16_cpu = self.dtype == torch.bfloat16 and torch.device(self.device).type == "cpu"
+        bf16_cpu = self.dtype == torch.bfloat16 and not is_cuda(self.device)
         return (f"{self.model} H={self.heads} D={self.head_dim}, {self.pack} ({len(self.grids)} images, {self.tokens} tok)"
                 + (" bf16" if bf16_cpu else ""))
 
@@ -106,6 +107,7 @@ def cases(device, quick, only=None):
         found.append(Case("qwen2vl-vit", "cpu-2k", PACKS_CPU["cpu-2k"], device, torch.bfloat16))
     if cuda and not quick:
         found += [Case("siglip-so400m", name, grids, device, dtype) for name, grids in SIGLIP_HD.items()]
+        found += [Case(model, "16k", PACKS_CUDA["16k"], device, dtype) for model in HEAD_DIM_128]
     return [case for case in found if only is None or re.search(only, case.name)]
 
 
@@ -180,59 +182,27 @@ def _xformers(q, k, v, case):
     return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
 
 
-def _needs_cuda(what):
-    return lambda device: None if device.type == "cuda" else f"{what}: CUDA only"
-
-
-def _needs_module(module, what):
-    def check(device):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed"
-        return _needs_cuda(what)(device)
-    return check
-
-
-def _native_cpu(device):
-    if device.type != "cpu":
-        return "native CPU backend: CPU tensors only"
-    return None if _native.available() else f"fastvl._C is not built ({_native.ERROR})"
-
-
-@dataclass
-class Impl:
-    name: str
-    fn: object
-    unavailable: object = lambda device: None  # device -> reason it cannot run there, or None
-    backend: str | None = None  # the fastvl backend it runs under
-    kernels: tuple = ()  # fastvl kernels it is meant to time
-
-
-IMPLS = [
-    Impl("reference", lambda q, k, v, c: fastvl.varlen_attention(q, k, v, c.cu, rope_pos=c.pos, rope_theta=THETA),
-         backend="reference"),
-    Impl("fastvl-fused", _fastvl_fused, _needs_cuda("Triton kernels (the interpreter is no performance number)"),
-         "triton", ("varlen_attention",)),
-    Impl("fastvl-unfused", _fastvl_unfused, _needs_cuda("Triton kernels (the interpreter is no performance number)"),
-         "triton", ("apply_rope_2d", "varlen_attention")),
-    Impl("fastvl-native", _fastvl_fused, _native_cpu, "native", ("varlen_attention",)),
-    Impl("hf-sdpa-loop", _hf_sdpa_loop),
-    Impl("torch-varlen", _torch_varlen, _needs_module("torch.nn.attention.varlen", "varlen_attn (flash attention)")),
-    Impl("flex", _flex, _needs_cuda("compiled FlexAttention")),
-    Impl("flash-attn", _flash_attn, _needs_module("flash_attn", "flash-attn")),
-    Impl("xformers", _xformers, _needs_module("xformers", "xformers memory-efficient attention")),
-]
+IMPLS = Registry()  # fn(q, k, v, case) -> out; the reference first: the others are compared with its output
+IMPLS.register("reference", lambda q, k, v, c: fastvl.varlen_attention(q, k, v, c.cu, rope_pos=c.pos, rope_theta=THETA),
+               backend="reference")
+IMPLS.register("fastvl-fused", _fastvl_fused, backend="triton", unavailable=TRITON_ONLY)
+IMPLS.register("fastvl-unfused", _fastvl_unfused, backend="triton", unavailable=TRITON_ONLY)
+IMPLS.register("fastvl-native", _fastvl_fused, backend="native", unavailable=NATIVE_ONLY)
+IMPLS.register("hf-sdpa-loop", _hf_sdpa_loop)
+IMPLS.register("torch-varlen", _torch_varlen,
+               unavailable=needs_module("torch.nn.attention.varlen", "varlen_attn (flash attention)"))
+IMPLS.register("flex", _flex, unavailable=needs_cuda("compiled FlexAttention"))
+IMPLS.register("flash-attn", _flash_attn, unavailable=needs_module("flash_attn", "flash-attn"))
+IMPLS.register("xformers", _xformers, unavailable=needs_module("xformers", "xformers memory-efficient attention"))
 BASELINE = "hf-sdpa-loop"  # ``speedup`` of every row is against it (fwd+bwd)
 FUSED, UNFUSED = "fastvl-fused", ("fastvl-unfused", "torch-varlen", "flex", "flash-attn", "xformers")
 
 
 def backend_used(impl, case):
-    """What fastvl ran for ``impl``: its backend, or 'reference' where a kernel is missing; None for no fastvl op."""
-    if impl.backend in (None, "reference"):
-        return impl.backend
-    probe = torch.empty(0, device=case.device, dtype=case.dtype)
-    with fastvl.use_backend(impl.backend):
-        missing = [name for name in impl.kernels if kernel_module(name, probe) is None]
-    return "reference" if missing else impl.backend
+    """The fastvl backend ``impl`` runs its ops on ('triton' on CUDA tensors), None for no fastvl op."""
+    if impl.backend is None:
+        return None
+    return "reference" if impl.backend == "triton" and not is_cuda(case.device) else impl.backend
 
 
 def steps(impl, case, seed=0):
@@ -250,13 +220,15 @@ def steps(impl, case, seed=0):
     return fwd, fwd_bwd
 
 
-def measure(impl, case, warmup, repeat):
-    """(timings and peak memory, forward output) of ``impl`` on ``case``."""
+def measure(impl, case, plan):
+    """(timings and peak memory, forward output) of ``impl`` on ``case``; forward+backward is warmed up
+    before either is timed."""
     fwd, fwd_bwd = steps(impl, case)
     out = fwd()
+    fwd_bwd()
     row = {
-        "fwd_ms": time_ms(fwd, case.device, warmup, repeat), "fwd_bwd_ms": time_ms(fwd_bwd, case.device, warmup, repeat),
-        "peak_mb_fwd": peak_memory_mb(fwd, case.device), "peak_mb": peak_memory_mb(fwd_bwd, case.device),
+        **common.measure(fwd, case.device, plan).row("fwd_ms"), **common.measure(fwd_bwd, case.device, plan).row("fwd_bwd_ms"),
+        "peak_mb_fwd": common.peak_memory_mb(fwd, case.device), "peak_mb": common.peak_memory_mb(fwd_bwd, case.device),
     }
     return row, out
 
@@ -266,40 +238,44 @@ def run(device, quick, only=None):
     ``skipped``, no timings) per implementation that cannot run there or failed on a case."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    warmup, repeat = (1, 2) if quick else (3, 10) if cuda else (1, 3)
-    label = device_name(device)
-    dtype = None
-    runnable = [impl for impl in IMPLS if impl.unavailable(device) is None]
+    plan = common.budget(device, quick)
+    label = common.device_name(device)
+    runnable = IMPLS.runnable(device)
     rows = []
-    for case in cases(str(device), quick, only):
-        dtype = str(case.dtype).replace("torch.", "")
-        common = {"suite": "attention", "op": OP, "case": case.name + ("" if cuda else " [cpu]"), "device": label,
-                  "dtype": dtype}
+    work = cases(str(device), quick, only)
+    peak = common.matmul_tflops(device, plan) if cuda and any(c.head_dim == 128 for c in work) else None
+    bar = common.progress(work, SUITE)
+    for case in bar:
+        dtype = common.dtype_name(case.dtype)
+        base = {"suite": SUITE, "op": OP, "case": case.name + ("" if cuda else " [cpu]"), "device": label,
+                "dtype": dtype}
         case_rows, expected = [], None
-        for impl in runnable:  # the reference first: the others are compared with its output
+        for impl in runnable:
+            bar.set_postfix_str(f"{case.model} {case.pack} {impl.name}")
             try:
-                timing, out = measure(impl, case, warmup, repeat)
+                timing, out = measure(impl, case, plan)
             except Exception as exc:  # noqa: BLE001 - a baseline that fails is reported, the others still run
-                rows.append({**common, "impl": impl.name, "skipped": f"failed: {type(exc).__name__}: {exc}"[:300]})
-                timing = out = None
-            if out is not None:
-                expected = out if impl.name == "reference" else expected
-                flop = case.flop_fwd
-                case_rows.append({
-                    **common, "impl": impl.name, "backend": backend_used(impl, case), "model": case.model,
-                    "pack": case.pack, "heads": case.heads, "head_dim": case.head_dim, "grids": case.grids,
-                    "tokens": case.tokens, "gflop": flop / 1e9, **timing,
-                    "rel_err": None if expected is None else rel_err(out, expected),
-                    "tflops": flop / timing["fwd_ms"] / 1e9, "tflops_fwd_bwd": 3.5 * flop / timing["fwd_bwd_ms"] / 1e9,
-                })
+                rows.append(common.failed_row(base, impl.name, exc))
+                common.emit(bar, rows[-1], rows[-1]["skipped"])
+                continue
+            expected = out if impl.name == "reference" else expected
+            flop = case.flop_fwd
+            row = {
+                **base, "impl": impl.name, "backend": backend_used(impl, case), "model": case.model,
+                "pack": case.pack, "heads": case.heads, "head_dim": case.head_dim, "grids": case.grids,
+                "tokens": case.tokens, "gflop": flop / 1e9, **timing,
+                "rel_err": None if expected is None else rel_err(out, expected),
+                "tflops": flop / timing["fwd_ms"] / 1e9, "tflops_fwd_bwd": 3.5 * flop / timing["fwd_bwd_ms"] / 1e9,
+                "matmul_tflops": peak,
+            }
+            case_rows.append(row)
+            common.emit(bar, row, f"fwd {common.fmt_time(row['fwd_ms'])}, fwd+bwd {common.fmt_time(row['fwd_bwd_ms'])}")
             del out
             if cuda:
                 torch.cuda.empty_cache()
         _speedups(case_rows)
         rows += case_rows
-    rows += [{"suite": "attention", "op": OP, "case": "all", "impl": impl.name, "device": label, "dtype": dtype,
-              "skipped": impl.unavailable(device)} for impl in IMPLS if impl not in runnable]
-    return rows
+    return rows + common.skipped_rows(IMPLS, device, {"suite": SUITE, "op": OP, "device": label})
 
 
 def _speedups(rows):
@@ -310,10 +286,10 @@ def _speedups(rows):
             for other, o in by.items() if other != r["impl"]
         }
         if BASELINE in by:
-            r["speedup"] = by[BASELINE]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            r["vs"], r["speedup"] = BASELINE, by[BASELINE]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
 
 
-def summary(rows):
+def targets(rows):
     """Per case: fastvl-fused fwd+bwd against the fastest unfused path and the HF sdpa loop (the targets)."""
     found, rows = [], measured(rows)
     for case in dict.fromkeys(r["case"] for r in rows):
@@ -332,37 +308,33 @@ def summary(rows):
     return found
 
 
+def summary(rows):
+    """fastvl-fused fwd+bwd per case against the targets: >= 1.3x the best unfused path, >= 1.3x the HF sdpa
+    loop on a mixed pack and >= 5x on 64 small images; forward at head_dim 128 >= 55% of the matmul peak."""
+    lines = []
+    for t in targets(rows):
+        name = f"attention {t['case']}: {FUSED} ({t['fused_backend']}) fwd+bwd"
+        if "vs_best_unfused" in t:
+            lines.append(common.target(f"{name} vs the best unfused path ({t['best_unfused']})", t["vs_best_unfused"], 1.3))
+        if "vs_hf_sdpa_loop" in t:
+            lines.append(common.target(f"{name} vs {BASELINE}", t["vs_hf_sdpa_loop"], 5.0 if "64x256" in t["case"] else 1.3))
+    for r in measured(rows):
+        if r["impl"] == FUSED and r["head_dim"] == 128 and r.get("matmul_tflops"):
+            lines.append(common.target(f"attention {r['case']}: {FUSED} forward TFLOP/s / bf16 matmul peak "
+                                       f"({common.sig3(r['matmul_tflops'])} TFLOP/s)", r["tflops"] / r["matmul_tflops"], 0.55))
+    return lines
+
+
 def plot(rows, path):
     """Grouped bars of forward and forward+backward TFLOP/s per case; False when matplotlib is missing."""
     panels = (("tflops", "forward"), ("tflops_fwd_bwd", "forward + backward"))
-    return bar_plot(measured(rows), path, panels, "TFLOP/s", OP)
+    return common.bar_plot(measured(rows), path, panels, "TFLOP/s", OP)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastvl.bench.attention", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one small pack per model, few repeats")
-    parser.add_argument("--out", help="output folder (default: bench/results/<device>/)")
-    parser.add_argument("--case", help="regular expression: only the cases whose name matches (e.g. '16k')")
-    args = parser.parse_args(argv)
-    from . import print_table
+    from . import suite_main
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run(device, args.quick, args.case)
-    print_table(rows)
-    found = summary(rows)
-    for s in found:
-        print(f"{s['case']}: {FUSED} ({s['fused_backend']}) fwd+bwd speedup "
-              f"{s.get('vs_best_unfused', float('nan')):.2f}x over {s.get('best_unfused', '-')}, "
-              f"{s.get('vs_hf_sdpa_loop', float('nan')):.2f}x over {BASELINE}")
-    print_skipped(rows)
-    stem = "attention" + (f"-{slug(args.case)}" if args.case else "")  # partial runs do not overwrite each other
-    keys = ("model", "pack", "heads", "head_dim", "grids", "tokens", "dtype")
-    shapes = list({r["case"]: {k: r[k] for k in keys} for r in measured(rows)}.values())
-    save_results(args.out or default_out(device), stem,
-                 {"environment": environment(device), "suite": "attention", "quick": args.quick,
-                  "case_filter": args.case, "shapes": shapes, "summary": found, "rows": rows},
-                 lambda path: plot(rows, path))
-    return 0
+    return suite_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

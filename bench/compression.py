@@ -19,9 +19,9 @@ copy bandwidth (the DESIGN targets: >= 90% of cuBLAS, >= 85% of copy bandwidth).
 
 CUDA runs bf16 at the embedded model shapes. On CPU only the reference and torch paths run, in fp32 on
 scaled-down shapes, and every case name says ``[cpu]``. ``python -m fastvl.bench.compression [--quick]
-[--out DIR]`` writes DIR/compression.json and DIR/compression.png (bench/results/<device>/ by default).
+[--out DIR]`` writes DIR/compression.json and DIR/compression.png.
 """
-import argparse
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -31,15 +31,25 @@ from torch import nn
 from torch.func import functional_call
 
 import fastvl
-from fastvl import _native
 from fastvl.testing import rel_err
 
-from .common import (
-    bar_plot, default_out, device_name, environment, measured, peak_memory_mb, print_skipped, save_results, time_ms,
-)
+from . import common
+from .common import NATIVE_ONLY, TRITON_ONLY, Registry, is_cuda, measured
 
 SUITE = "compression"
+TITLE = ("visual-token compression ops (patch_merge, spatial_attention_pool, deepstack_add) against the PyTorch "
+         "module paths they replace: forward and forward+backward")
+COLUMNS = (("case", "case"), ("impl", "impl"), ("fwd_ms", "fwd (min-max)"), ("fwd_bwd_ms", "fwd+bwd (min-max)"),
+           ("tflops", "fwd TFLOP/s"), ("gbps", "fwd GB/s"), ("copy_frac", "of copy BW"), ("peak_mb", "peak MiB"),
+           ("rel_err", "err vs ref"), ("vs", "vs"), ("speedup", "fwd+bwd speedup"), ("vs_cublas", "vs cuBLAS"))
 BASELINES = ("torch-module", "torch-index-put")  # ``speedup`` is against the one a case has
+# the op under a fastvl backend (fn None), or a case's module path by name; one ``register`` line adds a row
+IMPLS = Registry()
+IMPLS.register("fastvl", backend="triton", unavailable=TRITON_ONLY)
+IMPLS.register("fastvl-native", backend="native", unavailable=NATIVE_ONLY)
+IMPLS.register("reference", backend="reference")
+for _name in ("torch-module", "torch-index-put", "torch-index-add"):
+    IMPLS.register(_name)
 
 # (t, h, w) grids: a ~16k-patch Qwen2-VL pack, every side a multiple of 4 (merge 2 and 4 both apply)
 QWEN_PACK = [[1, 92, 92], [1, 64, 64], [1, 40, 56], [1, 28, 40]]
@@ -190,24 +200,24 @@ def cases(device, quick, seed=0):
 
 
 # ------------------------------------------------------------------ measurement
-def copy_bandwidth(device, warmup, repeat, nbytes=None):
+def copy_bandwidth(device, plan, nbytes=None):
     """GB/s of a large device-to-device copy (read + write), the memory-bound ceiling of this device."""
-    nbytes = nbytes or ((1 << 30) if torch.device(device).type == "cuda" else (64 << 20))
+    nbytes = nbytes or ((1 << 30) if is_cuda(device) else (64 << 20))
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, warmup, repeat)
+    ms = common.measure(lambda: dst.copy_(src), device, plan).median
     return 2 * nbytes / ms / 1e6
 
 
-def _impls(case, cuda):
-    """(row name, fastvl backend or None, fn); the op runs as 'fastvl' (Triton, CUDA only), 'fastvl-native'
-    (the native CPU backend, when built) and 'reference'."""
-    found = [("reference", "reference", case.impls["op"])]
-    if cuda:
-        found.insert(0, ("fastvl", "triton", case.impls["op"]))
-    elif _native.available():
-        found.append(("fastvl-native", "native", case.impls["op"]))
-    return found + [(name, None, fn) for name, fn in case.impls.items() if name != "op"]
+def _impls(case, device):
+    """(row name, fastvl backend or None, fn) of the registered implementations this case has and the device runs."""
+    found = []
+    for impl in IMPLS.runnable(device):
+        if impl.backend is not None:
+            found.append((impl.name, impl.backend, impl.fn or case.impls["op"]))
+        elif impl.name in case.impls:
+            found.append((impl.name, None, case.impls[impl.name]))
+    return found
 
 
 def steps(case, fn, backend, device):
@@ -227,17 +237,16 @@ def steps(case, fn, backend, device):
     return fwd, fwd_bwd
 
 
-def measure(case, fn, backend, device, warmup, repeat):
+def measure(case, fn, backend, device, plan):
     fwd, fwd_bwd = steps(case, fn, backend, device)
-    fwd_ms = time_ms(fwd, device, warmup, repeat)
-    fwd_bwd_ms = time_ms(fwd_bwd, device, warmup, repeat)
+    fwd_bwd()  # both passes warmed up before either is timed
     return fwd(), {
-        "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
-        "peak_mb_fwd": peak_memory_mb(fwd, device), "peak_mb": peak_memory_mb(fwd_bwd, device),
+        **common.measure(fwd, device, plan).row("fwd_ms"), **common.measure(fwd_bwd, device, plan).row("fwd_bwd_ms"),
+        "peak_mb_fwd": common.peak_memory_mb(fwd, device), "peak_mb": common.peak_memory_mb(fwd_bwd, device),
     }
 
 
-def _part_rows(case, common, copy_gbps, device, warmup, repeat):
+def _part_rows(case, base, copy_gbps, device, plan):
     """patch_merge's GEMMs against torch.matmul, its norm passes against the copy bandwidth (CUDA)."""
     from fastvl.kernels import patch_merge as kernel
 
@@ -258,8 +267,8 @@ def _part_rows(case, common, copy_gbps, device, warmup, repeat):
     }
     rows = []
     for part, (flop, ours, cublas) in gemms.items():
-        ours_ms, cublas_ms = time_ms(ours, device, warmup, repeat), time_ms(cublas, device, warmup, repeat)
-        rows.append({**common, "op": f"patch_merge/{part}", "impl": "fastvl", "gflop": flop / 1e9, "fwd_ms": ours_ms,
+        ours_ms, cublas_ms = common.measure(ours, device, plan).median, common.measure(cublas, device, plan).median
+        rows.append({**base, "op": f"patch_merge/{part}", "impl": "fastvl", "gflop": flop / 1e9, "fwd_ms": ours_ms,
                      "tflops": flop / ours_ms / 1e9, "cublas_ms": cublas_ms, "cublas_tflops": flop / cublas_ms / 1e9,
                      "vs_cublas": cublas_ms / ours_ms})
     passes = {
@@ -268,76 +277,81 @@ def _part_rows(case, common, copy_gbps, device, warmup, repeat):
                                                  lambda: kernel.norm_backward(dnormed, x, stats, ln_w, "layernorm")),
     }
     for part, (mbytes, fn) in passes.items():
-        ms = time_ms(fn, device, warmup, repeat)
-        rows.append({**common, "op": f"patch_merge/{part}", "impl": "fastvl", "mbytes": mbytes, "fwd_ms": ms,
+        ms = common.measure(fn, device, plan).median
+        rows.append({**base, "op": f"patch_merge/{part}", "impl": "fastvl", "mbytes": mbytes, "fwd_ms": ms,
                      "gbps": mbytes / ms, "copy_frac": mbytes / ms / copy_gbps})
     return rows
 
 
-def run(device, quick):
+def run(device, quick, only=None):
     """One row per (case, implementation); CUDA adds the patch_merge part rows; skipped paths say why."""
-    cuda = torch.device(device).type == "cuda"
-    warmup, repeat = (1, 2) if quick else (3, 10) if cuda else (2, 5)
-    copy_gbps = copy_bandwidth(device, warmup, repeat, (16 << 20) if quick else None)
-    label = device_name(device)
+    cuda = is_cuda(device)
+    plan = common.budget(device, quick)
+    copy_gbps = copy_bandwidth(device, plan, (16 << 20) if quick else None)
+    label = common.device_name(device)
     rows = []
-    for case in cases(device, quick):
-        dtype = str(case.inputs[0].dtype).replace("torch.", "")
-        common = {"suite": SUITE, "op": case.op, "case": case.name, "device": label, "dtype": dtype,
-                  "copy_gbps": copy_gbps}
+    bar = common.progress([c for c in cases(device, quick) if only is None or re.search(only, f"{c.op} {c.name}")], SUITE)
+    for case in bar:
+        dtype = common.dtype_name(case.inputs[0].dtype)
+        base = {"suite": SUITE, "op": case.op, "case": case.name, "device": label, "dtype": dtype,
+                "copy_gbps": copy_gbps}
         case_rows, expected = [], None
-        for impl, backend, fn in _impls(case, cuda):
+        for impl, backend, fn in _impls(case, device):
+            bar.set_postfix_str(f"{case.op} {impl}")
             try:
-                out, timing = measure(case, fn, backend, device, warmup, repeat)
+                out, timing = measure(case, fn, backend, device, plan)
             except Exception as exc:  # noqa: BLE001 - a path that fails is reported, the others still run
-                rows.append({**common, "impl": impl, "skipped": f"failed: {type(exc).__name__}: {exc}"[:300]})
+                rows.append(common.failed_row(base, impl, exc))
                 continue
             if impl == "reference":
                 expected = out
             gbps = case.mbytes / timing["fwd_ms"]
-            case_rows.append({
-                **common, "impl": impl, "backend": backend, "gflop": case.gflop, "mbytes": case.mbytes, **timing,
+            row = {
+                **base, "impl": impl, "backend": backend, "gflop": case.gflop, "mbytes": case.mbytes, **timing,
                 "tflops": case.gflop / timing["fwd_ms"], "tflops_fwd_bwd": 3 * case.gflop / timing["fwd_bwd_ms"],
                 "gbps": gbps, "copy_frac": gbps / copy_gbps, "_out": out,
-            })
+            }
+            case_rows.append(row)
+            common.emit(bar, {k: v for k, v in row.items() if k != "_out"},
+                        f"fwd {common.fmt_time(row['fwd_ms'])}, fwd+bwd {common.fmt_time(row['fwd_bwd_ms'])}")
         for r in case_rows:
             r["rel_err"] = rel_err(r.pop("_out"), expected) if expected is not None else None
         baseline = next((r for r in case_rows if r["impl"] in BASELINES), None)
         for r in case_rows if baseline else ():
-            r["speedup"] = baseline["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            r["vs"], r["speedup"] = baseline["impl"], baseline["fwd_bwd_ms"] / r["fwd_bwd_ms"]
             r["speedup_fwd"] = baseline["fwd_ms"] / r["fwd_ms"]
         rows += case_rows
         if cuda and case.op == "patch_merge":
-            rows += _part_rows(case, common, copy_gbps, device, warmup, repeat)
+            rows += _part_rows(case, base, copy_gbps, device, plan)
         if cuda:
             torch.cuda.empty_cache()
-    if not cuda:
-        rows.append({"suite": SUITE, "op": "all", "case": "all", "impl": "fastvl", "device": label,
-                     "skipped": "Triton kernels: CUDA only (the interpreter is no performance number)"})
-    return rows
+    return rows + common.skipped_rows(IMPLS, device, {"suite": SUITE, "op": "all", "device": label})
+
+
+def summary(rows):
+    """The DESIGN targets: each op >= 2x its module path (fwd+bwd); patch_merge's GEMMs >= 0.9x torch.matmul's
+    speed, its memory-bound passes >= 85% of the copy bandwidth."""
+    lines = []
+    for r in measured(rows):
+        if r["impl"] == "fastvl" and r.get("speedup") is not None:
+            lines.append(common.target(f"compression {r['case']}: fastvl fwd+bwd vs {r['vs']}", r["speedup"], 2.0))
+        if "vs_cublas" in r:
+            lines.append(common.target(f"compression {r['op']}: speed vs torch.matmul", r["vs_cublas"], 0.9))
+        elif r["op"].startswith("patch_merge/"):
+            lines.append(common.target(f"compression {r['op']}: fraction of copy bandwidth", r["copy_frac"], 0.85))
+    return lines
 
 
 def plot(rows, path):
     """Forward and forward+backward latency per case and implementation (log scale); False without matplotlib."""
     panels = (("fwd_ms", "forward"), ("fwd_bwd_ms", "forward + backward"))
-    return bar_plot([r for r in measured(rows) if "fwd_bwd_ms" in r], path, panels, "ms", "token compression", log=True)
+    return common.bar_plot([r for r in measured(rows) if "fwd_bwd_ms" in r], path, panels, "ms", "token compression", log=True)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastvl.bench.compression", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke run of seconds)")
-    parser.add_argument("--out", help="output folder (default: bench/results/<device>/)")
-    args = parser.parse_args(argv)
-    from . import print_table
+    from . import suite_main
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run(device, args.quick)
-    print_table(measured(rows))
-    print_skipped(rows)
-    save_results(args.out or default_out(device), SUITE,
-                 {"environment": environment(device), "suite": SUITE, "quick": args.quick, "rows": rows},
-                 lambda path: plot(rows, path))
-    return 0
+    return suite_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ OPS = list(compression.BUILDERS)
 
 
 def _bench(benchmark, case, impl, backward, device, rounds, warmup):
-    backend, fn = {name: (backend, fn) for name, backend, fn in compression._impls(case, device == "cuda")}[impl]
+    backend, fn = {name: (backend, fn) for name, backend, fn in compression._impls(case, device)}[impl]
     fwd, fwd_bwd = compression.steps(case, fn, backend, device)
     step = fwd_bwd if backward else fwd
 

@@ -24,9 +24,10 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     gate = sub.add_parser("gate", help="compile every Triton kernel for sm_80/sm_90 and report registers, spills, smem")
     gate.add_argument("--kernel", help="regular expression on kernel names")
-    bench = sub.add_parser("bench", help="FLOPs, bytes and timings of every op on embedded default shapes")
-    bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (CPU smoke run)")
-    bench.add_argument("--out", help="write the results as JSON to this file")
+    bench = sub.add_parser("bench", help="benchmark suites on embedded default shapes: tables, JSON and plots")
+    from .bench import add_arguments
+
+    add_arguments(bench)
     generate = sub.add_parser("generate", help="answer a prompt about an image with a saved FastVL model")
     generate.add_argument("--model", required=True,
                           help="directory of a FastVL model (or a Qwen2-VL, SliMM or FlashSloth one) and its tokenizer")
@@ -48,9 +49,9 @@ def main(argv=None):
 
         return run(args.kernel)
     if args.command == "bench":
-        from .bench import run
+        from .bench import main as bench_main
 
-        return run(quick=args.quick, out=args.out)
+        return bench_main(args)
     if args.command == "generate":
         return _generate(args)
     if args.command == "convert":

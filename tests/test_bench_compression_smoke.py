@@ -9,7 +9,7 @@ from fastvl.bench import compression
 from fastvl.testing import assert_close, generator, randn
 
 TIMED = {"suite", "op", "case", "impl", "backend", "device", "dtype", "gflop", "mbytes", "fwd_ms", "fwd_bwd_ms",
-         "tflops", "gbps", "copy_gbps", "copy_frac", "peak_mb", "rel_err", "speedup"}
+         "tflops", "gbps", "copy_gbps", "copy_frac", "peak_mb", "rel_err", "vs", "speedup"}
 
 
 def test_quick_cpu_run(tmp_path):
@@ -47,6 +47,6 @@ def test_hf_patch_merger_is_the_reference():
 def test_part_rows_run(triton_backend):
     """The CUDA-only part timings (GEMMs vs torch.matmul, norm passes vs copy bandwidth) run in the interpreter."""
     (case,) = [c for c in compression.cases("cpu", quick=True) if c.op == "patch_merge"]
-    rows = compression._part_rows(case, {"suite": "compression"}, 1.0, "cpu", warmup=0, repeat=1)
+    rows = compression._part_rows(case, {"suite": "compression"}, 1.0, "cpu", compression.common.Budget(0, 1))
     assert len(rows) == 4 and all(r["fwd_ms"] > 0 for r in rows)
     assert all(r["vs_cublas"] > 0 for r in rows[:2]) and all(r["copy_frac"] > 0 for r in rows[2:])

@@ -1,0 +1,153 @@
+"""A training step of a whole Qwen2-VL-2B-sized vision tower: transformers against the same tower under fastvl.patch.
+
+One step = forward of ``Qwen2VisionTransformerPretrainedModel`` (32 blocks, 1280 wide, 16 heads of 80, the
+2x2 merger to 1536) over a pack of mixed-resolution images, then backward from a fixed random gradient of the
+merged tokens into every weight (gradients set to None before each step). Implementations:
+
+- ``hf-<attention>``: transformers with its best attention available (flash_attention_2 when flash-attn is
+  installed on a GPU, else sdpa: one SDPA call per image);
+- ``fastvl``: the same module instance, weights shared, after ``fastvl.patch``: varlen attention with the 2D
+  RoPE inside and patch_merge (the Triton kernels on a GPU, their PyTorch reference on a CPU).
+
+Columns: ``step_ms`` (median, min-max), ``tokens_s`` = patches per second, ``peak_mb`` the GPU memory above the
+weights that the step allocates at its peak (activations, gradients, workspaces), speedup and memory ratio vs
+the transformers row. GPU: bf16, real sizes, ~16k patches (DESIGN target: >= 1.5x at <= 0.7x the memory).
+CPU: fp32, 4 blocks, ~1.2k patches.
+"""
+import re
+import sys
+
+import torch
+
+import fastvl
+
+from . import common
+from .common import Registry, is_cuda
+
+SUITE = "vit-train"
+TITLE = "Qwen2-VL-2B-sized vision tower training step (forward + backward into every weight) on a mixed-resolution pack"
+COLUMNS = (("case", "case"), ("impl", "impl"), ("backend", "fastvl ops"), ("tokens", "patches"),
+           ("step_ms", "step (min-max)"), ("tokens_s", "tokens/s"), ("peak_mb", "peak MiB"), ("vs", "vs"),
+           ("speedup", "speedup"), ("mem_ratio", "mem ratio"))
+TARGET_SPEEDUP, TARGET_MEMORY = 1.5, 0.7
+
+# (h, w) patch grids of the images of one pack
+PACKS = {
+    "real": [(92, 92), (64, 64), (40, 56), (28, 40), (16, 16), (12, 20)],  # 16416 patches
+    "cpu": [(24, 32), (16, 20), (10, 14)],  # 1228
+    "quick": [(8, 12), (6, 6)],  # 132
+}
+TOWERS = {  # Qwen2VLConfig.vision_config
+    "real": dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+    "cpu": dict(depth=4, embed_dim=640, hidden_size=512, num_heads=8, mlp_ratio=4),
+    "quick": dict(depth=1, embed_dim=160, hidden_size=128, num_heads=2, mlp_ratio=2),
+}
+
+
+def hf_attention(device):
+    """transformers' best attention implementation for this vision tower here."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if is_cuda(device) and is_flash_attn_2_available() else "sdpa"
+
+
+IMPLS = Registry()
+IMPLS.register("hf", lambda tower: tower)
+IMPLS.register("fastvl", fastvl.patch)
+
+
+def build(scale, device, dtype):
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    config = Qwen2VLConfig(vision_config=TOWERS[scale]).vision_config
+    torch.manual_seed(0)
+    with torch.device(device):
+        tower = Qwen2VisionTransformerPretrainedModel._from_config(
+            config, attn_implementation=hf_attention(device), dtype=dtype)
+    return tower.train()
+
+
+def step_fn(tower, pixels, grid, dout):
+    def step():
+        for p in tower.parameters():
+            p.grad = None
+        out = tower(pixels, grid_thw=grid)
+        merged = getattr(out, "pooler_output", out)
+        merged.backward(dout)
+    return step
+
+
+def run(device, quick, only=None):
+    cuda = is_cuda(device)
+    scale = "quick" if quick else "real" if cuda else "cpu"
+    dtype = common.bench_dtype(device)
+    plan = common.budget(device, quick)
+    grids = PACKS[scale]
+    tokens = sum(h * w for h, w in grids)
+    case = f"{TOWERS[scale]['depth']} blocks x {TOWERS[scale]['embed_dim']}, {len(grids)} images, {tokens} patches"
+    case += "" if cuda else " [cpu]"
+    common_row = {"suite": SUITE, "case": case, "device": common.device_name(device), "dtype": common.dtype_name(dtype)}
+    if only is not None and not re.search(only, case):
+        return []
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.tensor([[1, h, w] for h, w in grids], device=device)
+    pixels = torch.randn(tokens, 3 * 2 * 14 * 14, generator=gen).to(device, dtype)
+    tower = build(scale, device, dtype)
+    dout = torch.randn(tokens // 4, TOWERS[scale]["hidden_size"], generator=gen).to(device, dtype)
+    rows = []
+    bar = common.progress(IMPLS.runnable(device), SUITE)
+    for impl in bar:
+        name = f"hf-{hf_attention(device)}" if impl.name == "hf" else impl.name
+        bar.set_postfix_str(name)
+        try:
+            with fastvl.use_backend(impl.backend or common.default_backend(device)):
+                step = step_fn(impl.fn(tower), pixels, grid, dout)
+                timing = common.measure(step, device, plan).row("step_ms")
+                for p in tower.parameters():
+                    p.grad = None
+                peak = common.peak_memory_mb(step, device)
+            row = {**common_row, "impl": name, "tokens": tokens, **timing,
+                   "backend": None if impl.name == "hf" else impl.backend or common.default_backend(device),
+                   "tokens_s": tokens / timing["step_ms"] * 1e3, "peak_mb": peak}
+        except Exception as exc:  # noqa: BLE001 - reported, the other implementation still runs
+            row = common.failed_row(common_row, name, exc)
+        finally:
+            fastvl.unpatch(tower)
+        rows.append(row)
+        common.emit(bar, row, row.get("skipped") or f"{common.fmt_time(row['step_ms'])} per step, "
+                    f"{common.sig3(row['tokens_s'])} tokens/s")
+        if cuda:
+            torch.cuda.empty_cache()
+    base = next((r for r in common.measured(rows) if r["impl"].startswith("hf-")), None)
+    for r in common.measured(rows) if base else ():
+        r["vs"], r["speedup"] = base["impl"], r["tokens_s"] / base["tokens_s"]
+        if r["peak_mb"] is not None:
+            r["mem_ratio"] = r["peak_mb"] / base["peak_mb"]
+    return rows + common.skipped_rows(IMPLS, device, common_row)
+
+
+def summary(rows):
+    lines = []
+    for r in common.measured(rows):
+        if r["impl"] == "fastvl" and r.get("vs"):
+            lines.append(common.target(f"vit-train {r['case']}: fastvl tokens/s vs {r['vs']}", r["speedup"], TARGET_SPEEDUP))
+            if r.get("mem_ratio") is not None:
+                lines.append(common.target(f"vit-train {r['case']}: fastvl peak memory vs {r['vs']}", r["mem_ratio"],
+                                           TARGET_MEMORY, at_most=True))
+    return lines
+
+
+def plot(rows, path):
+    panels = (("tokens_s", "tokens/s"), ("peak_mb", "peak memory above the weights (MiB)"))
+    return common.bar_plot(common.measured(rows), path, panels, {k: t for k, t in panels}, "ViT training step")
+
+
+def main(argv=None):
+    from . import suite_main
+
+    return suite_main(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
