@@ -351,6 +351,23 @@ def test_lm_padding_and_cached_decoding_match_sdpa(lms):
     assert_close(torch.stack(runs[1].logits), torch.stack(runs[0].logits), name="decoding logits")
 
 
+def test_lm_under_inference_mode(lms):
+    """Inference tensors (no version counter) as the padding mask and the position ids."""
+    sdpa, fast = lms
+    ids = torch.randint(0, TEXT["vocab_size"], (2, 9), generator=generator(6))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    positions = torch.cat([torch.arange(4), torch.arange(5)])[None]
+    expected = [sdpa(ids, attention_mask=mask).logits, sdpa(ids[:1], position_ids=positions, use_cache=False).logits]
+    with torch.inference_mode():
+        got = [fast(ids, attention_mask=mask.clone()).logits,
+               fast(ids[:1], position_ids=positions.clone(), use_cache=False).logits]
+    keep = mask.bool()
+    assert_close(got[0][keep], expected[0][keep], name="padding mask")
+    separate = torch.cat([sdpa(chunk).logits for chunk in ids[:1].split([4, 5], dim=1)], dim=1)
+    assert_close(got[1], separate, name="packed by position_ids")
+
+
 def test_lm_attention_function_against_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

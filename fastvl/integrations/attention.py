@@ -104,7 +104,9 @@ def _memoised(build, source, batch, tq, tk, device):
     """``build(source on the host, ...)``, computed once for all the layers of a forward."""
     global _last
     ref, key, value = _last
-    now = (build, source._version, tuple(source.shape), batch, tq, tk, device)
+    # inference tensors have no version counter (and cannot change in place outside inference mode)
+    version = None if source.is_inference() else source._version
+    now = (build, version, tuple(source.shape), batch, tq, tk, device)
     if ref is not None and ref() is source and key == now:
         return value
     value = build(source.to("cpu"), batch, tq, tk, device)
