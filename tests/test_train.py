@@ -80,7 +80,7 @@ def test_stage_freezing_no_graph_no_grads_no_state():
     groups = param_groups(model, args)
     assert {g["part"] for g in groups} == {"projector"} and {g["lr"] for g in groups} == {5e-3}
     assert {g["weight_decay"] for g in groups} == {0.0, 0.01}  # none on biases and norms
-    engine = TorchEngine(model, groups, args, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+    engine = TorchEngine(model, args, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
                          torch.device("cpu"), 1)
     seen = []
     model.vision_tower.register_forward_hook(lambda m, i, out: seen.append(out[0].requires_grad))

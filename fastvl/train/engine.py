@@ -1,6 +1,7 @@
 """Engines: one interface over plain/DDP/FSDP2 (torch) and DeepSpeed ZeRO for the training loop.
 
-``backward(batch, num_items, last)`` runs one micro-batch and returns its share of the step loss;
+The optimizer's parameter groups (``model.param_groups``) are made after the wrapping: FSDP2 replaces the
+parameters by sharded DTensors. ``backward(batch, num_items, last)`` runs one micro-batch and returns its share of the step loss;
 ``step()`` clips, updates and returns the gradient norm; ``save``/``load`` write and read the model, optimizer
 and scheduler of a checkpoint directory (every rank calls them); ``full_state_dict()`` gathers the weights for
 the final ``save_pretrained`` (on rank 0).
@@ -17,6 +18,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .model import param_groups
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw")
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -29,7 +32,7 @@ class TorchEngine:
     """A plain module (one process), DDP, or FSDP2 (``fsdp_mode``); AdamW and the scheduler are ours; checkpoints
     through torch.distributed.checkpoint (sharded for FSDP2)."""
 
-    def __init__(self, model, groups, args, scheduler_fn, device, world, fsdp_mode=None):
+    def __init__(self, model, args, scheduler_fn, device, world, fsdp_mode=None):
         self.device, self.world, self.args = device, world, args
         self.module = model.to(device)
         self.fsdp = fsdp_mode is not None
@@ -52,6 +55,7 @@ class TorchEngine:
             self.wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         else:
             self.wrapped = model
+        groups = param_groups(model, args)
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
         self.scheduler = scheduler_fn(self.optimizer)
@@ -159,11 +163,12 @@ class DeepSpeedEngine:
     """DeepSpeed ZeRO (stage from the JSON); our AdamW param groups (DeepSpeed's own optimizer when the JSON has
     one) and scheduler, which DeepSpeed steps and checkpoints."""
 
-    def __init__(self, model, groups, args, scheduler_fn, device, world):
+    def __init__(self, model, args, scheduler_fn, device, world):
         import deepspeed
 
         self.device, self.world = device, world
         config = deepspeed_config(args.deepspeed, args, world, model.config.text_config.hidden_size)
+        groups = param_groups(model, args)
         optimizer = None
         if "optimizer" not in config:
             optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)

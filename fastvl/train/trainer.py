@@ -14,7 +14,7 @@ from ..data import CAUSES
 from . import checkpoint
 from .data import ResumableSampler, SkippingDataset, TrainCollator, build_dataset, filler_sample
 from .engine import DeepSpeedEngine, TorchEngine
-from .model import build_model, data_settings, freeze, param_groups
+from .model import build_model, data_settings, freeze
 
 MIN_RECORDS = 100  # max_bad_fraction is judged over at least this many records (or the whole dataset)
 SHOWN_BAD = 5  # bad records each rank names in its log and in the stop message
@@ -190,8 +190,7 @@ def _train(args, rank, world, device):
     parts = freeze(model, args.parts)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
-    groups = param_groups(model, args)
-    trainable = sum(p.numel() for g in groups for p in g["params"])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters()) - trainable
 
     def scheduler(optimizer):
@@ -200,9 +199,9 @@ def _train(args, rank, world, device):
         return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
     if args.deepspeed:
-        engine = DeepSpeedEngine(model, groups, args, scheduler, device, world)
+        engine = DeepSpeedEngine(model, args, scheduler, device, world)
     else:
-        engine = TorchEngine(model, groups, args, scheduler, device, world, args.fsdp_mode)
+        engine = TorchEngine(model, args, scheduler, device, world, args.fsdp_mode)
 
     totals = {"samples": 0, "tokens": 0, "skipped": dict.fromkeys(CAUSES, 0), "wall_time_s": 0.0}
     step = 0
