@@ -10,6 +10,7 @@ setup(
     # kernels/ and bench/ live at the top level of the repository but are imported as
     # fastvl.kernels and fastvl.bench (an editable install resolves the mapping too).
     package_dir={"fastvl": "fastvl", "fastvl.kernels": "kernels", "fastvl.bench": "bench"},
+    package_data={"fastvl.train": ["configs/*.json"]},  # the shipped DeepSpeed ZeRO configs
     install_requires=["torch>=2.5", "triton>=3.2; platform_system=='Linux'", "numpy"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "transformers>=5.0"],
