@@ -233,3 +233,53 @@ def test_engines_match_ddp(setup, ddp_run, tmp_path, engine):
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_new_model_from_checkpoints_flashsloth_style(setup, tmp_path):
+    """FlashSloth's recipe from a SigLIP tower and a causal LM: SAP, EmbQ, the phi2 template (its tokens added
+    to the tokenizer, the embeddings resized), stage 1 (projector only), then stage 2 from the saved model."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from test_data import _byte_tokenizer  # a byte-level BPE: reloads as the LLM's own tokenizer class
+
+    root, data = setup
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=128, intermediate_size=160, num_hidden_layers=3,
+                                         num_attention_heads=2, image_size=3 * 14, patch_size=14)).save_pretrained(
+        tmp_path / "siglip")
+    tok = _byte_tokenizer(specials=[])
+    llm = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok)))
+    llm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    common = ["--data_path", data[3], "--image_folder", data[5], "--per_device_train_batch_size", "4",
+              "--max_steps", "2", "--dataloader_num_workers", "0", "--max_bad_fraction", "0.5"]
+    stage1 = tmp_path / "stage1"
+    assert cli(["train", "--vision_tower", str(tmp_path / "siglip"), "--language_model", str(tmp_path / "llm"),
+                "--compressor", "sap", "--use_embq", "--num_query_tokens", "3", "--embq_layer", "1",
+                "--version", "phi2", "--tune_parts", "projector", "--output_dir", str(stage1), *common]) == 0
+    model = AutoModelForCausalLM.from_pretrained(stage1)
+    assert model.config.chat_template == "phi2" and model.config.use_embq and model.config.compressor == "sap"
+    assert model.get_input_embeddings().num_embeddings > len(tok)  # <image>, </s>, <learnable> added
+    start = dict(llm.named_parameters())
+    assert all(torch.equal(p, start[n[len("language_model."):]]) for n, p in model.named_parameters()
+               if n.startswith("language_model.") and "embed_tokens" not in n and "lm_head" not in n)
+    summary = json.loads((stage1 / "train_summary.json").read_text())
+    assert summary["tune_parts"] == ["projector"] and summary["final_loss"] > 0
+    assert cli(["train", "--model_name_or_path", str(stage1), "--tune_parts", "projector,embq,llm",
+                "--output_dir", str(tmp_path / "stage2"), *common]) == 0
+    assert json.loads((tmp_path / "stage2" / "train_summary.json").read_text())["tune_parts"] == [
+        "projector", "embq", "llm"]
+
+
+@pytest.mark.slow
+def test_demo_learns_to_caption(tmp_path, monkeypatch):
+    """A shortened demo (fewer images and steps than the real one): captions of fresh images far above chance."""
+    from fastvl.train import demo
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the ranks run the reference ops
+    assert demo.run(str(tmp_path), nproc=2, extra_args=["--max_steps", "150", "--save_steps", "50"],
+                    train_images=800, eval_images=40) == 0
+    result = json.loads((tmp_path / "demo_eval.json").read_text())
+    accuracy, chance = result["accuracy"], result["chance"]
+    assert accuracy["colour"] >= 0.9 and accuracy["caption"] >= 10 * chance["caption"], result

@@ -17,6 +17,11 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 FSDP_MODES = ("full_shard", "shard_grad_op")
 
 
+USAGE = """fastvl train [config.yaml] [--nproc_per_node N] [--FLAG VALUE ...]
+       fastvl train --demo DIR [--nproc_per_node N] [--FLAG VALUE ...]
+       torchrun --nproc_per_node N -m fastvl.train [config.yaml] [--FLAG VALUE ...]"""
+
+
 def _arg(default, help, **metadata):
     return field(default=default, metadata={"help": help, **metadata})
 
@@ -135,7 +140,7 @@ def parse_args(argv):
     import yaml
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(TrainArguments, prog="fastvl train")
+    parser = HfArgumentParser(TrainArguments, prog="fastvl train", usage=USAGE)
     argv = list(argv)
     if argv and argv[0].endswith((".yaml", ".yml")):
         path = argv.pop(0)

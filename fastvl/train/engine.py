@@ -1,10 +1,10 @@
 """Engines: one interface over plain/DDP/FSDP2 (torch) and DeepSpeed ZeRO for the training loop.
 
-The optimizer's parameter groups (``model.param_groups``) are made after the wrapping: FSDP2 replaces the
-parameters by sharded DTensors. ``backward(batch, num_items, last)`` runs one micro-batch and returns its share of the step loss;
-``step()`` clips, updates and returns the gradient norm; ``save``/``load`` write and read the model, optimizer
-and scheduler of a checkpoint directory (every rank calls them); ``full_state_dict()`` gathers the weights for
-the final ``save_pretrained`` (on rank 0).
+``backward(batch, num_items, last)`` runs one micro-batch and returns its share of the step loss; ``step()``
+clips, updates and returns the gradient norm; ``save``/``load`` write and read the model, optimizer and
+scheduler of a checkpoint directory (every rank calls them); ``full_state_dict()`` gathers the weights for the
+final ``save_pretrained`` (on rank 0). Optimizer groups (``model.param_groups``) are made after the wrapping:
+FSDP2 replaces the parameters by sharded DTensors.
 
 The loss of a micro-batch is its summed token cross-entropy divided by ``num_items``, the supervised tokens of
 the whole step on all ranks: the step's gradient is that of the mean over every supervised token, whatever the
