@@ -119,6 +119,7 @@ def parse_args_for(**overrides):
     return args
 
 
+@pytest.mark.slow
 def test_one_process_run_outputs_and_resume_guard(setup, tmp_path, capsys):
     root, data = setup
     (tmp_path / "run.yaml").write_text("\n".join(f"{k}: {v}" for k, v in [
@@ -235,6 +236,7 @@ def test_engines_match_ddp(setup, ddp_run, tmp_path, engine):
         torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
+@pytest.mark.slow
 def test_new_model_from_checkpoints_flashsloth_style(setup, tmp_path):
     """FlashSloth's recipe from a SigLIP tower and a causal LM: SAP, EmbQ, the phi2 template (its tokens added
     to the tokenizer, the embeddings resized), stage 1 (projector only), then stage 2 from the saved model."""

@@ -224,7 +224,7 @@ def _train(args, rank, world, device):
                f"{trainable:,} parameters ({', '.join(parts)}), frozen {frozen:,}")
 
     collator = TrainCollator(tokenizer, filler)
-    first_bad, shown = [], 0
+    first_bad = []  # (cause, message) of this rank's first SHOWN_BAD skipped records
     window = {"loss": torch.zeros((), dtype=torch.float64, device=device), "steps": 0, "samples": 0, "tokens": 0,
               "start": time.time()}
     last_loss = None
@@ -239,11 +239,9 @@ def _train(args, rank, world, device):
         while step < total_steps and step // steps_per_epoch == epoch:
             micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
             for b in micro:
-                for cause, message in b["skipped"]:
-                    if shown < SHOWN_BAD:
-                        print(f"[rank {rank}] skipped: {message}", file=sys.stderr)
-                        first_bad.append((cause, message))
-                        shown += 1
+                for cause, message in b["skipped"][:SHOWN_BAD - len(first_bad)]:
+                    print(f"[rank {rank}] skipped: {message}", file=sys.stderr)
+                    first_bad.append((cause, message))
             counts = torch.tensor([sum(b[k] for b in micro) for k in ("num_items", "num_samples", "num_tokens")]
                                   + [sum(c == cause for b in micro for c, _ in b["skipped"]) for cause in CAUSES],
                                   dtype=torch.int64)
