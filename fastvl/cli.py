@@ -16,7 +16,7 @@ def main(argv=None):
     generate.add_argument("--image", required=True, help="image file")
     generate.add_argument("--prompt", required=True, help="question or instruction")
     generate.add_argument("--max-new-tokens", type=int, default=128)
-    train = sub.add_parser(
+    sub.add_parser(  # listed for --help; main() hands "train ..." to _train before parsing
         "train", add_help=False, help="train a FastVL model on LLaVA data (DDP, DeepSpeed ZeRO, FSDP2); "
         "fastvl train --help lists the flags; --nproc_per_node N runs N ranks with torchrun; "
         "--demo DIR trains a tiny captioner on generated images")

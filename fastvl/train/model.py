@@ -36,7 +36,8 @@ def build_model(args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = FastVLConfig(
-        vision_config=vision_config_from_hf(args.vision_tower), text_config=AutoConfig.from_pretrained(args.language_model),
+        vision_config=vision_config_from_hf(args.vision_tower),
+        text_config=AutoConfig.from_pretrained(args.language_model),
         compressor=args.compressor, deepstack_type=args.deepstack_type, image_hd=args.image_hd,
         use_embq=args.use_embq, num_query_tokens=args.num_query_tokens, embq_layer=args.embq_layer,
         chat_template=template, image_token_id=_token_id(tokenizer, get_template(template).image_token),

@@ -85,7 +85,8 @@ class Reporter:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(self.dir, "runs"), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(os.path.join(self.dir, "runs"),
+                                        purge_step=start_step + 1 if start_step else None)
         except ImportError:
             pass
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1)
