@@ -9,7 +9,8 @@ from PIL import Image
 from fastvl.data import IGNORE_INDEX, LlavaDataset, MissingImageError, NativeResolutionProcessor, SampleError
 from fastvl.train import parse_args
 from fastvl.train.data import ResumableSampler, SkippingDataset, TrainCollator, build_dataset, filler_sample
-from fastvl.train.demo import draw, tiny_model, tokenizer
+from fastvl.models import FastVLConfig, FastVLForConditionalGeneration
+from fastvl.train.demo import draw, tokenizer
 from fastvl.train.engine import deepspeed_config
 from fastvl.train.model import data_settings
 
@@ -24,7 +25,14 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    return tiny_model(tok)
+    """A small model with a native-resolution (Qwen2-VL) tower: its processor refuses extreme aspect ratios."""
+    config = FastVLConfig(vision_config=dict(depth=1, embed_dim=128, num_heads=2, intermediate_size=128),
+                          text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=96,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                           vocab_size=len(tok)),
+                          image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"))
+    torch.manual_seed(0)
+    return FastVLForConditionalGeneration(config)
 
 
 @pytest.fixture
