@@ -82,6 +82,7 @@ setup(
     # FASTVL_NATIVE=0 skips the native CPU backend (fastvl._C, CMakeLists.txt)
     ext_modules=[Extension("fastvl._C", sources=[])] if NATIVE else [],
     cmdclass={"build_ext": CMakeBuild},
+    package_data={"fastvl.train": ["configs/*.json"]},  # the shipped DeepSpeed ZeRO configs
     install_requires=["torch>=2.5", "triton>=3.2; platform_system=='Linux'", "numpy"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "transformers>=5.0"],

@@ -43,6 +43,13 @@ def main(argv=None):
                          "model (SliMM's custom_visual_model, FlashSloth's mm_vision_tower)")
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"),
                          help="default: the checkpoint's")
+    sub.add_parser(  # listed for --help; main() hands "train ..." to _train before parsing
+        "train", add_help=False, help="train a FastVL model on LLaVA data (DDP, DeepSpeed ZeRO, FSDP2); "
+        "fastvl train --help lists the flags; --nproc_per_node N runs N ranks with torchrun; "
+        "--demo DIR trains a tiny captioner on generated images")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its flags go to the training parser as they are
+        return _train(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "gate":
         from .gate import run
@@ -62,6 +69,29 @@ def main(argv=None):
 def _fail(command, message):
     print(f"fastvl {command}: {message}", file=sys.stderr)
     return 2
+
+
+def _train(argv):
+    """``--nproc_per_node N`` (N > 1): the same arguments on N ranks through torchrun; ``--demo DIR``: the demo;
+    otherwise one process."""
+    launcher = argparse.ArgumentParser(prog="fastvl train", add_help=False)
+    launcher.add_argument("--nproc_per_node", type=int, default=None)
+    launcher.add_argument("--demo", default=None)
+    known, rest = launcher.parse_known_args(argv)
+    if known.nproc_per_node is not None and known.nproc_per_node < 1:
+        print(f"fastvl train: --nproc_per_node must be positive, got {known.nproc_per_node}", file=sys.stderr)
+        return 2
+    if known.demo is not None:
+        from .train.demo import run
+
+        return run(known.demo, known.nproc_per_node or 2, rest)
+    if (known.nproc_per_node or 1) > 1:
+        from .train.launch import torchrun
+
+        return torchrun(known.nproc_per_node, rest)
+    from .train import main as train_main
+
+    return train_main(rest)
 
 
 def _generate(args):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates the virtualenv (once; FASTVL_VENV, default .venv) and installs fastvl editable with its
-# test, benchmark and Hugging Face extras. torch is pinned to the CPU build through constraints.txt.
+# test, benchmark, Hugging Face and training (DeepSpeed) extras. torch is pinned to the CPU build through
+# constraints.txt, which also holds for DeepSpeed's dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${FASTVL_VENV:-.venv}
@@ -8,7 +9,7 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt)
-install=(--no-build-isolation -e ".[dev,bench,hf]")
+install=(--no-build-isolation -e ".[dev,bench,hf,train]")
 # pip runs only when what the install depends on changed: a stamp in the venv of the install command, this
 # checkout's path, FASTVL_NATIVE and the hashes of setup.py, constraints.txt and the native sources (an
 # editable install follows the Python sources by itself; the native extension is rebuilt by pip).

@@ -585,7 +585,7 @@ def test_llava_dataset(tok, llava_files, fmt):
         assert torch.equal(sample["pixel_values"], expected["pixel_values"])
         assert torch.equal(sample["image_grid_thw"], expected["image_grid_thw"])
         assert (sample["input_ids"] == pad).sum() * 4 == sample["pixel_values"].shape[0]
-    with pytest.raises(FileNotFoundError, match=r"missing\.png.*record 3 \(id 'lost'\)"):
+    with pytest.raises(FileNotFoundError, match=r"record 3 \(id 'lost'\): image .*missing\.png.* not found"):
         data[3]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, [0, 1, 2]), batch_size=3,
                                          collate_fn=Collator(tok))

@@ -1,12 +1,31 @@
 """LLaVA-format datasets and the batch collator."""
 import json
 import os
+import reprlib
 
 import torch
 from PIL import Image
 
 from .conversation import IGNORE_INDEX, get_template, tokenize_conversation
 from .image import to_pil
+
+CAUSES = ("missing_image", "bad_image", "malformed_record", "no_supervised_token", "too_long")
+
+
+class SampleError(ValueError):
+    """A record that cannot become a sample; the message names the file and the record, ``cause`` (one of
+    ``CAUSES``) says why. Training skips and counts these; any other exception is a bug or a setting to fix."""
+
+    def __init__(self, message, cause):
+        if cause not in CAUSES:
+            raise ValueError(f"cause must be one of {CAUSES}, got {cause!r}")
+        super().__init__(message)
+        self.cause = cause
+
+
+class MissingImageError(SampleError, FileNotFoundError):
+    def __init__(self, message):
+        super().__init__(message, "missing_image")
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -20,6 +39,12 @@ class LlavaDataset(torch.utils.data.Dataset):
     ``num_image_tokens``: the visual tokens one image gets in the LLM, an int (FlashSloth: 81, HD: 405) or a
     function of the processor's output returning one count per image, e.g.
     ``lambda out: image_token_counts(out["image_grid_thw"], "patch_merge")``.
+
+    A record that cannot become a sample raises ``SampleError`` naming the file and the record, with its
+    ``cause``: ``missing_image`` (also a FileNotFoundError), ``bad_image`` (unreadable, corrupt, or a size the
+    processor refuses), ``malformed_record`` (not JSON, not UTF-8, wrong types, a conversation the template
+    cannot render), ``no_supervised_token`` (no answer to learn) or ``too_long`` (more than ``max_length``
+    tokens; records are never truncated).
     """
 
     def __init__(self, json_path, image_folder, tokenizer, processor, template, num_image_tokens,
@@ -44,13 +69,19 @@ class LlavaDataset(torch.utils.data.Dataset):
         if json_path.endswith(".jsonl"):
             self._offsets = self._line_offsets(json_path)
         else:
-            with open(json_path, encoding="utf-8") as f:
+            with open(json_path, "rb") as f:
                 try:
                     self._records = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"json_path: {json_path!r} is not valid JSON ({e})") from e
+                except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError on bytes that are not UTF-8
+                    raise ValueError(f"json_path: {json_path!r} is not valid JSON in UTF-8 ({e})") from e
             if not isinstance(self._records, list):
                 raise ValueError(f"json_path: {json_path!r} must hold a list of records")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length <= 0):
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        # the template's tokens and num_query_tokens are settings: check them here, not as bad records later
+        tokenize_conversation([{"from": "human", "value": "?"}, {"from": "gpt", "value": "!"}], tokenizer,
+                              self.template, (), num_query_tokens)
 
     @staticmethod
     def _line_offsets(path):
@@ -66,7 +97,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         return len(self._records) if self._records is not None else len(self._offsets)
 
     def record(self, index):
-        """The raw record ``index`` (a dict with ``conversations``)."""
+        """The raw record ``index`` (a dict with a ``conversations`` list); SampleError when it is malformed."""
         if self._records is not None:
             record = self._records[index]
         else:
@@ -75,38 +106,62 @@ class LlavaDataset(torch.utils.data.Dataset):
                 line = f.readline()
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{self.json_path!r}: record {index} is not valid JSON ({e})") from e
+            except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError on bytes that are not UTF-8
+                raise SampleError(f"{self.json_path!r}: record {index} is not valid JSON in UTF-8 ({e})",
+                                  "malformed_record") from e
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            raise ValueError(f"{self.json_path!r}: record {index} has no 'conversations' list")
+            raise SampleError(f"{self.json_path!r}: record {index} has no 'conversations' list", "malformed_record")
         return record
 
-    def _open_image(self, name, index, record):
+    def _where(self, index, record):
+        ident = record.get("id")
+        return f"{self.json_path!r}: record {index}" + ("" if ident is None else f" (id {reprlib.repr(ident)})")
+
+    def _image_names(self, record, where):
+        names = record.get("image")
+        names = [] if names is None else [names] if isinstance(names, str) else names
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise SampleError(f"{where}: 'image' must be a file name or a list of file names, "
+                              f"got {reprlib.repr(record.get('image'))}", "malformed_record")
+        return names
+
+    def _open_image(self, name, where):
         if self.image_folder is None:
-            raise ValueError(f"record {index} has images but image_folder is None")
+            raise MissingImageError(f"{where}: has images but image_folder is None")
         path = os.path.join(self.image_folder, name)
-        where = f"image {path!r} of record {index}" + (f" (id {record['id']!r})" if "id" in record else "")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{where} not found")
+            raise MissingImageError(f"{where}: image {path!r} not found")
         try:
             with Image.open(path) as image:
                 image.load()  # before the file closes
                 return to_pil(image)
-        except OSError as e:
-            raise ValueError(f"{where} cannot be read ({e})") from e
+        except Exception as e:  # a corrupt file can make PIL raise nearly anything (OSError, SyntaxError, ...)
+            raise SampleError(f"{where}: image {path!r} cannot be read ({type(e).__name__}: {e})", "bad_image") from e
 
     def __getitem__(self, index):
         record = self.record(index)
-        names = record.get("image") or []
-        names = [names] if isinstance(names, str) else names
-        processed = self.processor([self._open_image(n, index, record) for n in names])
+        where = self._where(index, record)
+        names = self._image_names(record, where)
+        images = [self._open_image(n, where) for n in names]
+        try:
+            processed = self.processor(images)
+        except ValueError as e:  # e.g. an aspect ratio the processor refuses
+            raise SampleError(f"{where}: an image cannot be processed ({e})", "bad_image") from e
         counts = (list(self.num_image_tokens(processed)) if callable(self.num_image_tokens)
                   else [self.num_image_tokens] * len(names))
         if len(counts) != len(names):
-            raise ValueError(f"num_image_tokens gave {len(counts)} counts for the {len(names)} images "
-                             f"of record {index}")
-        sample = tokenize_conversation(record["conversations"], self.tokenizer, self.template, counts,
-                                       self.num_query_tokens, self.max_length)
+            raise ValueError(f"num_image_tokens gave {len(counts)} counts for the {len(names)} images of {where}")
+        try:
+            sample = tokenize_conversation(record["conversations"], self.tokenizer, self.template, counts,
+                                           self.num_query_tokens)
+        except (TypeError, ValueError) as e:
+            raise SampleError(f"{where}: {e}", "malformed_record") from e
+        length = sample["input_ids"].numel()
+        if self.max_length is not None and length > self.max_length:
+            raise SampleError(f"{where}: {length} tokens, more than max_length={self.max_length}", "too_long")
+        if not (sample["labels"] != IGNORE_INDEX).any():
+            raise SampleError(f"{where}: nothing to learn (no answer, so no supervised token)",
+                              "no_supervised_token")
         return {**sample, **processed}
 
 
