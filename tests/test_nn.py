@@ -106,6 +106,9 @@ def test_spatial_attention_pool_names_and_math():
     want = torch.autograd.grad(ref.sum(), [x, module.mlp[0].weight, module.mlp[3].weight])
     for g, w, name in zip(got, want, ["dx", "dw1", "dw2"]):
         assert_close(g, w, name=name)
+    # b2 cannot change the output: its gradient is exactly 0 on both paths, as in the fused op
+    module.train()
+    assert torch.autograd.grad(module(x, grid_hw).sum(), module.mlp[3].bias)[0].item() == 0.0
 
 
 class _Recorder(nn.Module):

@@ -3,33 +3,32 @@ import torch
 from torch import nn
 
 from ..data import add_template_tokens, image_token_counts
-from ..data.conversation import QUERY_TOKEN, get_template
-from ..models import FastVLConfig, FastVLForConditionalGeneration, image_processor, load_vision_weights
-from ..models import vision_config_from_hf
+from ..data.conversation import QUERY_TOKEN, get_template, token_id
+from ..models import FastVLConfig, FastVLForConditionalGeneration, image_processor, load_language_weights
+from ..models import load_tokenizer, load_vision_weights, vision_config_from_hf
 
 # part -> the attribute of FastVLForConditionalGeneration that holds it
 PART_MODULES = {"vision": "vision_tower", "projector": "compressor", "embq": "embq", "llm": "language_model"}
 
 
 def _token_id(tokenizer, token):
-    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
+    found = token_id(tokenizer, token)
+    if found is None:
         raise ValueError(f"tokenizer: {token!r} is not one token")
-    return ids[0]
+    return found
 
 
 def build_model(args):
     """(model, tokenizer): a saved FastVL model, or a new one from a vision checkpoint and a language model
     (FlashSloth's "save" step): the tokenizer gets the template's tokens, the vision tower (and a Qwen2-VL
     merger) its weights, the LLM its weights; the rest starts from ``seed``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     if args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
         model = FastVLForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=torch.float32)
         if args.template:
             model.config.chat_template = args.template
-        return model, tokenizer
+        return model, load_tokenizer(args.model_name_or_path, model.config)
     template = args.template or "qwen2"
     tokenizer = AutoTokenizer.from_pretrained(args.language_model)
     add_template_tokens(tokenizer, template)
@@ -45,8 +44,7 @@ def build_model(args):
     )
     torch.manual_seed(args.seed)
     model = FastVLForConditionalGeneration(config)
-    llm = AutoModelForCausalLM.from_pretrained(args.language_model, dtype=torch.float32)
-    model.language_model.load_state_dict(llm.state_dict())
+    load_language_weights(model, args.language_model)
     load_vision_weights(model, args.vision_tower)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
