@@ -108,7 +108,8 @@ def test_spatial_attention_pool_names_and_math():
         assert_close(g, w, name=name)
     # b2 cannot change the output: its gradient is exactly 0 on both paths, as in the fused op
     module.train()
-    assert torch.autograd.grad(module(x, grid_hw).sum(), module.mlp[3].bias)[0].item() == 0.0
+    weight = randn(*out.shape, dtype=torch.float64, gen=generator(6))
+    assert torch.autograd.grad((module(x, grid_hw) * weight).sum(), module.mlp[3].bias)[0].item() == 0.0
 
 
 class _Recorder(nn.Module):
