@@ -3,7 +3,8 @@
 Pair (i, i + D/2) rotates by row * f_i for i < D/4 and by col * f_(i - D/4) after, with
 f_j = theta^(-4j/D). A program takes a block of tokens: it reads their positions once, computes
 cos/sin of the D/2 angles once (in fp32, from pos and theta: no table in memory) and applies them
-to a group of heads. Half vectors are padded to a power of two and masked (D = 72, 80, 96, ...).
+to a group of heads. The half vectors are split into two power-of-two parts (40 = 32 + 8 at D = 80),
+not padded: no idle lanes at the head dims models use.
 """
 import functools
 import math
@@ -15,7 +16,7 @@ import triton.language as tl
 from .registry import Spec, gated, signature
 
 HEAD_DIMS = (16, 64, 72, 80, 96, 128)  # compiled by the gate; any multiple of 4 runs
-TILE = 1024  # elements of one [BLOCK_T, BLOCK_HALF] tile: 8 per thread with 4 warps (< 100 registers)
+TILE = 1024  # elements of the [BLOCK_T, WA] tile: 8 per thread with 4 warps (< 100 registers)
 
 
 def _specs(fn):
@@ -62,38 +63,55 @@ def cos_sin(x):
     return tl.where((k == 1.0) | (k == 2.0), -c, c), tl.where(k >= 2.0, -s, s)
 
 
+@triton.jit
+def _rotate_part(x_tok, y_tok, pos_ptr, tok, tok_ok, stride_pt, stride_pc, stride_xh, stride_yh, h0, h1,
+                 log2_theta, sin_sign, START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rotate pairs (i, i + D/2) for i in START + [0, WIDTH) of heads h0..h1-1, cos/sin computed once."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    i = START + tl.arange(0, WIDTH)
+    cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_ok, stride_pt, stride_pc, i, log2_theta, HEAD_DIM, 1.0)
+    sin = sin * sin_sign
+    mask = tok_ok[:, None] & (i < HALF)[None, :]
+    x_tok += i[None, :]
+    y_tok += i[None, :]
+    for h in range(h0, h1):
+        x1 = tl.load(x_tok + h * stride_xh, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_tok + h * stride_xh + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_tok + h * stride_yh, (x1 * cos - x2 * sin).to(y_tok.dtype.element_ty), mask=mask)
+        tl.store(y_tok + h * stride_yh + HALF, (x2 * cos + x1 * sin).to(y_tok.dtype.element_ty), mask=mask)
+
+
 @gated(_specs)
 @triton.jit
 def _rope_2d_kernel(
     x_ptr, y_ptr, pos_ptr, T, H, heads_per_program,
     stride_xt, stride_xh, stride_yt, stride_yh, stride_pt, stride_pc,
     log2_theta, sin_sign,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr,
 ):
-    HALF: tl.constexpr = HEAD_DIM // 2
+    """The half head dim D/2 in two power-of-two parts, WA + WB (WB = 0: one part): 36 = 32 + 4, 40 = 32 + 8,
+    48 = 32 + 16, so head dims 72/80/96 run without idle lanes."""
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = tok < T
     tok = tok.to(tl.int64)
-    i = tl.arange(0, BLOCK_HALF)
-    cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_ok, stride_pt, stride_pc, i, log2_theta, HEAD_DIM, 1.0)
-    sin = sin * sin_sign
-    mask = tok_ok[:, None] & (i < HALF)[None, :]
-
-    x_tok = x_ptr + tok[:, None] * stride_xt + i[None, :]
-    y_tok = y_ptr + tok[:, None] * stride_yt + i[None, :]
+    x_tok = x_ptr + tok[:, None] * stride_xt
+    y_tok = y_ptr + tok[:, None] * stride_yt
     h0 = tl.program_id(1) * heads_per_program
-    for h in range(h0, tl.minimum(h0 + heads_per_program, H)):
-        x1 = tl.load(x_tok + h * stride_xh, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_tok + h * stride_xh + HALF, mask=mask, other=0.0).to(tl.float32)
-        y1 = x1 * cos - x2 * sin
-        y2 = x2 * cos + x1 * sin
-        tl.store(y_tok + h * stride_yh, y1.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(y_tok + h * stride_yh + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
+    h1 = tl.minimum(h0 + heads_per_program, H)
+    _rotate_part(x_tok, y_tok, pos_ptr, tok, tok_ok, stride_pt, stride_pc, stride_xh, stride_yh, h0, h1,
+                 log2_theta, sin_sign, 0, WA, HEAD_DIM)
+    if WB:
+        _rotate_part(x_tok, y_tok, pos_ptr, tok, tok_ok, stride_pt, stride_pc, stride_xh, stride_yh, h0, h1,
+                     log2_theta, sin_sign, WA, WB, HEAD_DIM)
 
 
 def _blocks(head_dim):
-    block_half = triton.next_power_of_2(head_dim // 2)
-    return {"BLOCK_T": max(16, TILE // block_half), "BLOCK_HALF": block_half}
+    """BLOCK_T and the parts (WA, WB) of the half head dim: WA its largest power of two, WB the rest
+    rounded up to one (masked only when the rest is not a power of two, e.g. D = 88)."""
+    half = head_dim // 2
+    wa = 1 << (half.bit_length() - 1)
+    wb = triton.next_power_of_2(half - wa) if half > wa else 0
+    return {"BLOCK_T": max(16, TILE // wa), "WA": wa, "WB": wb}
 
 
 def _heads_per_program(token_blocks, heads, device):

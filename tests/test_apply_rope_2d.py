@@ -31,7 +31,14 @@ def test_triton_backend_runs_the_kernel(triton_backend):
     assert kernel_module("apply_rope_2d", torch.zeros(1, 1, 4)) is _kernel()
 
 
-@pytest.mark.parametrize("head_dim", [4, 16, 20, 64, 72, 80, 96, 128])
+def test_head_dim_parts():
+    """The half head dim splits into two power-of-two parts with no idle lanes at the model head dims."""
+    for head_dim in (64, 72, 80, 96, 128):
+        blocks = _kernel()._blocks(head_dim)
+        assert blocks["WA"] + blocks["WB"] == head_dim // 2, (head_dim, blocks)
+
+
+@pytest.mark.parametrize("head_dim", [4, 16, 20, 28, 64, 72, 80, 96, 128])
 def test_forward(triton_backend, kernel_dtype, device, head_dim):
     gen = generator(head_dim)
     pos = _positions(ODD_PACK, device)
