@@ -25,6 +25,7 @@ Cost notes behind the layout:
   the q blocks of that loop are small.
 """
 import math
+from dataclasses import replace
 
 import torch
 import triton
@@ -33,7 +34,7 @@ import triton.language as tl
 from fastvl._backend import interpreting
 
 from .apply_rope_2d import rope_2d_cos_sin
-from .registry import Spec, gated, prune_by_arch, signature
+from .registry import Spec, gated, launch_spec, prune_by_arch, signature
 
 HEAD_DIMS = (64, 72, 80, 96, 128)
 LOG2E = math.log2(math.e)
@@ -155,13 +156,38 @@ def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_ptr, rows, lk, 
     return acc_a, acc_b, m_i, l_i
 
 
+# Launches the gate compiles: the ViT (packed qkv, non-causal, with and without RoPE) at every head
+# dim, and causal GQA for language models: (name, heads, kv_heads, head_dim, causal, rope, packed qkv)
+LAUNCHES = [(f"vit D={d}{' rope' if rope else ''}", 16, 16, d, False, rope, True)
+            for d in HEAD_DIMS for rope in (True, False)]
+LAUNCHES += [("llm D=64 gqa", 14, 2, 64, True, False, False), ("llm D=128 gqa", 16, 2, 128, True, False, False)]
+
+
+def _launch_ints(heads, kv_heads, dim, rope, packed):
+    """The integer arguments (strides, head counts) a launch at this shape passes."""
+    q_t = 3 * heads * dim if packed else heads * dim
+    kv_t = 3 * heads * dim if packed else kv_heads * dim
+    ints = {"heads": heads, "kv_heads": kv_heads, "group": heads // kv_heads,
+            "stride_pt": 2 if rope else 0, "stride_pc": 1 if rope else 0}
+    for name, stride_t in (("q", q_t), ("k", kv_t), ("v", kv_t), ("o", heads * dim), ("do", heads * dim),
+                           ("dq", heads * dim), ("dk", kv_heads * dim), ("dv", kv_heads * dim)):
+        ints[f"stride_{name}t"], ints[f"stride_{name}h"] = stride_t, dim
+    return ints
+
+
+def _launch_specs(fn, floor, **types):
+    params = {p.name for p in fn.params}
+    specs = []
+    for name, heads, kv_heads, dim, causal, rope, packed in LAUNCHES:
+        ints = {k: v for k, v in _launch_ints(heads, kv_heads, dim, rope, packed).items() if k in params}
+        consts = {"HEAD_DIM": dim, "WA": _tiles(dim)[0], "WB": _tiles(dim)[1], "CAUSAL": causal, "ROPE": rope}
+        specs.append(launch_spec(f"bf16 {name}", fn, "bf16", consts, ints, types, floor=floor))
+    return specs
+
+
 def _fwd_specs(fn):
-    return [
-        Spec(f"{dt} D={d} causal rope", signature(fn, dt, lse_ptr="*fp32", cu_q_ptr="*i32", cu_k_ptr="*i32",
-                                                  pos_ptr="*i32", qk_scale="fp32", log2_theta="fp32"),
-             {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1], "CAUSAL": True, "ROPE": True})
-        for dt in ("fp16", "bf16") for d in HEAD_DIMS
-    ]
+    return _launch_specs(fn, 0.25, lse_ptr="*fp32", cu_q_ptr="*i32", cu_k_ptr="*i32", pos_ptr="*i32", qk_scale="fp32",
+                         log2_theta="fp32")
 
 
 @gated(_fwd_specs, tensor_cores="wgmma")
@@ -223,19 +249,15 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, pos_ptr,
 
 # ------------------------------------------------------------------ backward
 def _bwd_specs(fn):
-    return [
-        Spec(f"{dt} D={d} causal rope", signature(fn, dt, lse_ptr="*fp32", delta_ptr="*fp32", cu_q_ptr="*i32",
-                                                  cu_k_ptr="*i32", pos_ptr="*i32", qk_scale="fp32", scale="fp32",
-                                                  log2_theta="fp32"),
-             {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1], "CAUSAL": True, "ROPE": True})
-        for dt in ("fp16", "bf16") for d in HEAD_DIMS
-    ]
+    return _launch_specs(fn, 0.10, lse_ptr="*fp32", delta_ptr="*fp32", cu_q_ptr="*i32", cu_k_ptr="*i32",
+                         pos_ptr="*i32", qk_scale="fp32", scale="fp32", log2_theta="fp32")
 
 
 def _delta_specs(fn):
     return [
         Spec(f"{dt} D={d}", signature(fn, dt, delta_ptr="*fp32"),
-             {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1], "BLOCK_T": DELTA_BLOCK}, {"num_warps": 4})
+             {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1], "BLOCK_T": DELTA_BLOCK}, {"num_warps": 4},
+             floor=0.5)
         for dt in ("fp16", "bf16") for d in (72, 128)
     ]
 
@@ -316,7 +338,7 @@ def _dkdv_parts(device):
 
 
 def _dkdv_specs(fn):
-    return [Spec(f"{spec.name} P{part}", spec.signature, {**spec.constexprs, "PART": part}, archs=archs)
+    return [replace(spec, name=f"{spec.name} P{part}", constexprs={**spec.constexprs, "PART": part}, archs=archs)
             for spec in _bwd_specs(fn) for part, archs in DKDV_PARTS]
 
 
