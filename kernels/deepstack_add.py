@@ -16,7 +16,7 @@ BLOCK_C = 256
 def _specs(fn):
     return [
         Spec(f"{dt} index {it}", signature(fn, dt, index_ptr=f"*{it}"), {"BR": BLOCK_ROWS, "BC": BLOCK_C},
-             {"num_warps": 4})
+             {"num_warps": 4}, floor=0.8)
         for dt, it in (("fp16", "i64"), ("bf16", "i64"), ("bf16", "i32"))
     ]
 

@@ -30,16 +30,16 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _NORM_TILE = 8192  # elements of x per program of the row-wise norm kernels (whole rows)
 
 
-def _norm_specs(fn, **types):
+def _norm_specs(fn, floor, **types):
     # Qwen2-VL (LayerNorm, C=1280) and SigLIP-width RMSNorm (C=1152): BLOCK_C = next power of two
     return [
         Spec(f"{dtype} C={c} {name}", signature(fn, dtype, stats_ptr="*fp32", **types),
-             {"RMS": name == "rms", "BLOCK_T": _NORM_TILE // 2048, "BLOCK_C": 2048}, {"num_warps": 8})
+             {"RMS": name == "rms", "BLOCK_T": _NORM_TILE // 2048, "BLOCK_C": 2048}, {"num_warps": 8}, floor=floor)
         for dtype in ("fp16", "bf16") for c, name in ((1280, "ln"), (1152, "rms"))
     ]
 
 
-@gated(specs=lambda fn: _norm_specs(fn, eps="fp32"))
+@gated(specs=lambda fn: _norm_specs(fn, 0.6, eps="fp32"))
 @triton.jit
 def _merge_norm_stats(x_ptr, stats_ptr, T, C, stride_x, eps, RMS: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_C: tl.constexpr):
@@ -121,7 +121,7 @@ def _matmul_specs(fn):
         unit = {f"stride_{s}": 1 for s in unit}
         for dtype in ("fp16", "bf16"):
             sig = signature(fn, dtype, stats_ptr="*fp32", **dict.fromkeys(unit, "constexpr"))
-            specs.append(Spec(f"{dtype} {name}", sig, {**constexprs, **unit}))
+            specs.append(Spec(f"{dtype} {name}", sig, {**constexprs, **unit}, floor=0.1))
     return specs
 
 
@@ -189,7 +189,7 @@ def _merge_matmul(
             tl.store(dbias_ptr + rm, rowsum.to(dbias_ptr.dtype.element_ty), mask=m_ok)
 
 
-@gated(specs=lambda fn: _norm_specs(fn, dw_ptr="*fp32", db_ptr="*fp32"))
+@gated(specs=lambda fn: _norm_specs(fn, 0.8, dw_ptr="*fp32", db_ptr="*fp32"))
 @triton.jit
 def _merge_norm_backward(dy_ptr, x_ptr, stats_ptr, lnw_ptr, dx_ptr, dw_ptr, db_ptr, T, C, stride_x,
                          RMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -46,7 +46,7 @@ def _size_class(tokens):
 
 def _gemm_specs(fn):
     fp32 = {name: "*fp32" for name in ("partial_ptr", "dscore_ptr", "dw2_ptr", "db1_ptr")}
-    return [Spec(dt, signature(fn, dt, **fp32), {"SLAB": SLAB}) for dt in ("fp16", "bf16")]
+    return [Spec(dt, signature(fn, dt, **fp32), {"SLAB": SLAB}, floor=0.15) for dt in ("fp16", "bf16")]
 
 
 @triton.jit
@@ -148,14 +148,16 @@ def _pool_blocks(window):
 
 def _pool_specs(fn):
     types = {"score_ptr": "*fp32", "dscore_ptr": "*fp32", "meta_ptr": "*i32"}
-    return [Spec(f"{dt} window={r}", signature(fn, dt, **types), _pool_blocks(r), {"num_warps": 4})
+    return [Spec(f"{dt} window={r}", signature(fn, dt, **types), _pool_blocks(r), {"num_warps": 4}, floor=0.4)
             for dt, r in (("fp16", 3), ("bf16", 3), ("bf16", 2))]
 
 
 def _pool_backward_specs(fn):
-    with_dx = [Spec(s.name, s.signature, {**s.constexprs, "WRITE_DX": True}, s.options) for s in _pool_specs(fn)]
+    with_dx = [Spec(s.name, s.signature, {**s.constexprs, "WRITE_DX": True}, s.options, floor=0.75)
+               for s in _pool_specs(fn)]
     base = with_dx[1]
-    return with_dx + [Spec(base.name + " no dx", base.signature, {**base.constexprs, "WRITE_DX": False}, base.options)]
+    return with_dx + [Spec(base.name + " no dx", base.signature, {**base.constexprs, "WRITE_DX": False}, base.options,
+                           floor=0.75)]
 
 
 @gated(specs=_pool_specs)
