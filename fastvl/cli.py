@@ -8,6 +8,9 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     gate = sub.add_parser("gate", help="compile every Triton kernel for sm_80/sm_90 and report registers, spills, smem")
     gate.add_argument("--kernel", help="regular expression on kernel names")
+    gate.add_argument("--perf", action="store_true",
+                      help="also read each hot loop's SASS: instruction mix and the ceiling on the fraction of peak")
+    gate.add_argument("--jobs", type=int, help="parallel compilations (default: one per CPU)")
     bench = sub.add_parser("bench", help="FLOPs, bytes and timings of every op on embedded default shapes")
     bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (CPU smoke run)")
     bench.add_argument("--out", help="write the results as JSON to this file")
@@ -20,7 +23,7 @@ def main(argv=None):
     if args.command == "gate":
         from .gate import run
 
-        return run(args.kernel)
+        return run(args.kernel, perf=args.perf, jobs=args.jobs)
     if args.command == "bench":
         from .bench import run
 

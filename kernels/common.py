@@ -1,8 +1,66 @@
-"""Device functions and helpers shared by the kernels (one home for each)."""
+"""Device functions, constants and helpers shared by the kernels (one home for each)."""
+import functools
+from fractions import Fraction
+
+import torch
 import triton
 import triton.language as tl
 
 from fastvl._backend import interpreting
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
+# 2*pi to 40 digits: the frequency table is exact to 2^-64 of a turn
+_TWO_PI = Fraction("6.283185307179586476925286766559005768394")
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_turns(head_dim: int, theta: float) -> tuple:
+    """The D/4 rotary frequencies f_j = theta^(-4j/D) (float64, as the reference computes them) in turns per
+    position, as 64-bit fixed point (2^64 = one turn) wrapped to int64. Only the fraction of a turn matters
+    at integer positions; a frequency beyond float64 (theta below ~1e-300) counts as no rotation."""
+    inv_freq = theta ** (-torch.arange(0, head_dim // 4, dtype=torch.float64) * 4 / head_dim)
+    table = []
+    for f in inv_freq.tolist():
+        turns = round(Fraction(f) / _TWO_PI * 2**64) % 2**64 if f < float("inf") else 0
+        table.append(turns - 2**64 if turns >= 2**63 else turns)
+    return tuple(table)
+
+
+def rope_table(head_dim: int, theta: float, device) -> torch.Tensor:
+    """int64 [D/4] table of rope_2d_cos_sin (built on the host once per (head_dim, theta, device))."""
+    return _rope_table(head_dim, float(theta), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_table(head_dim, theta, device):
+    return torch.tensor(_rope_turns(head_dim, theta), dtype=torch.int64, device=device)
+
+
+@triton.jit
+def rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, table_ptr, HEAD_DIM: tl.constexpr):
+    """fp32 cos/sin [len(tok), len(pair)] of the rotation of pairs (i, i + D/2), i in ``pair``, at the tokens'
+    (row, col) positions (int32 pos [T, 2] with strides): pair i turns by row * f_i for i < D/4, by
+    col * f_(i - D/4) after. The angle modulo one turn is exact for every int32 position: the position
+    times the 64-bit fixed-point frequency (``rope_table``) wraps modulo 2^64 = one turn; only the
+    remainder, within an eighth of a turn of the nearest quadrant, becomes fp32."""
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    use_col = pair >= QUARTER
+    freq = tl.load(table_ptr + tl.where(use_col, pair - QUARTER, pair), mask=pair < 2 * QUARTER, other=0)
+    row = tl.load(pos_ptr + tok * stride_pt, mask=tok_mask, other=0).to(tl.int64)
+    col = tl.load(pos_ptr + tok * stride_pt + stride_pc, mask=tok_mask, other=0).to(tl.int64)
+    turns = tl.where(use_col[None, :], col[:, None], row[:, None]) * freq[None, :]  # wraps: modulo one turn
+    quadrant = ((turns + (1 << 61)) >> 62) & 3  # nearest quarter turn
+    # the remainder within 1/8 turn of it, in units of 2^-32 turn, to radians
+    r = ((turns - (quadrant << 62)) >> 32).to(tl.int32).to(tl.float32) * 1.4629180792671596e-09  # 2*pi / 2^32
+    r2 = r * r
+    sin_r = r + r * r2 * (-1.6666666666666666e-1 + r2 * (8.333333333333333e-3 + r2 * (-1.984126984126984e-4
+                                                                                    + r2 * 2.7557319223985893e-6)))
+    cos_r = 1.0 + r2 * (-0.5 + r2 * (4.1666666666666664e-2 + r2 * (-1.3888888888888889e-3 + r2 * 2.48015873015873e-5)))
+    odd = (quadrant & 1) == 1
+    c = tl.where(odd, sin_r, cos_r)
+    s = tl.where(odd, cos_r, sin_r)
+    return tl.where((quadrant == 1) | (quadrant == 2), -c, c), tl.where(quadrant >= 2, -s, s)
+
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
