@@ -22,7 +22,7 @@ TILE = 1024  # elements of the [BLOCK_T, WA] tile: 8 per thread with 4 warps (< 
 def _specs(fn):
     return [
         Spec(f"{name} D={d}", signature(fn, name, pos_ptr="*i32", table_ptr="*i64", sin_sign="fp32"),
-             {"HEAD_DIM": d, **_blocks(d)}, {"num_warps": 4})
+             {"HEAD_DIM": d, **_blocks(d)}, {"num_warps": 4}, floor=0.8)
         for name in ("fp16", "bf16", "fp32")
         for d in HEAD_DIMS
     ]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .registry import Spec, gated, signature
+from .registry import Spec, gated, launch_spec, signature
 
 BLOCK_ROWS = 16
 BLOCK_C = 256
@@ -22,9 +22,12 @@ MAP_BLOCK = 1024  # index entries per program of the inverse-map scatter
 
 
 def _specs(fn):
+    # an LLM of width 1536 (Qwen2-1.5B), hidden [B, L, C] contiguous (one row stride), as launched;
+    # floor: the fraction of DRAM bandwidth the performance model must allow
+    ints = {"C": 1536, "stride_outer": 0, "stride_inner": 1536, "stride_stacked": 1536}
     return [
-        Spec(f"{dt} index {it}", signature(fn, dt, index_ptr=f"*{it}", map_ptr="*i32"),
-             {"BR": BLOCK_ROWS, "BC": BLOCK_C}, {"num_warps": 4}, aligned=("C", "stride_outer", "stride_inner"))
+        launch_spec(f"{dt} index {it}", fn, dt, {"BR": BLOCK_ROWS, "BC": BLOCK_C}, ints,
+                    {"index_ptr": f"*{it}", "map_ptr": "*i32"}, options={"num_warps": 4}, floor=0.8)
         for dt, it in (("fp16", "i64"), ("bf16", "i64"), ("bf16", "i32"))
     ]
 
@@ -54,7 +57,7 @@ def _deepstack_add_kernel(
 
 
 @gated(specs=lambda fn: [Spec(f"index {it}", signature(fn, "i32", index_ptr=f"*{it}"), {"BLOCK": MAP_BLOCK},
-                              {"num_warps": 4}) for it in ("i64", "i32")])
+                              {"num_warps": 4}, floor=0.8) for it in ("i64", "i32")])
 @triton.jit
 def _index_map_kernel(index_ptr, map_ptr, K, ROWS, BLOCK: tl.constexpr):
     """map[index[k]] = k for the entries that lie in [0, ROWS)."""

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import autotune_configs, even_k, gelu, gelu_grad, matmul_tile, quarters
-from .registry import Spec, gated, prune_by_arch, signature
+from .registry import gated, launch_spec, prune_by_arch
 
 # epilogues of the fused GEMM
 GELU_FORWARD = tl.constexpr(0)  # out = GELU(acc + bias), pre <- acc + bias (SAVE_PRE)
@@ -41,10 +41,12 @@ def _normalise_rows(x, mask, C, eps, RMS: tl.constexpr):
 
 
 def _norm_specs(fn, **types):
-    # Qwen2-VL (LayerNorm, C=1280) and SigLIP-width RMSNorm (C=1152): BLOCK_C = next power of two
+    # Qwen2-VL (LayerNorm, C=1280) and a SigLIP-width RMSNorm (C=1152) as launched: whole rows, BLOCK_C the
+    # next power of two; floor: the fraction of DRAM bandwidth the performance model must allow
     return [
-        Spec(f"{dtype} C={c} {name}", signature(fn, dtype, eps="fp32", **types),
-             {"RMS": name == "rms", "BLOCK_T": _NORM_TILE // 2048, "BLOCK_C": 2048}, {"num_warps": 8})
+        launch_spec(f"{dtype} C={c} {name}", fn, dtype, {"RMS": name == "rms", "BLOCK_T": _NORM_TILE // 2048,
+                                                          "BLOCK_C": 2048}, {"C": c, "stride_x": c},
+                    {"eps": "fp32", **types}, options={"num_warps": 8}, floor=0.8)
         for dtype in ("fp16", "bf16") for c, name in ((1280, "ln"), (1152, "rms"))
     ]
 
@@ -124,24 +126,23 @@ def _matmul_configs():
 _MATMUL_CONFIGS = _matmul_configs()
 _MIN_BM = min(c.kwargs["BM"] for c in _MATMUL_CONFIGS)
 
-# Every variant the op launches: (name, constexprs, the strides that are 1 there, which Triton specialises,
-# and the integer arguments that are multiples of 16 at model shapes, as Triton also specialises them)
-_VARIANTS = (
-    ("fc1 train", dict(EPILOGUE=GELU_FORWARD, SAVE_PRE=True), ("ak", "bk"), ("stride_am", "stride_bn")),
-    ("fc1 infer", dict(EPILOGUE=GELU_FORWARD, SAVE_PRE=False), ("ak", "bk"), ("stride_am", "stride_bn")),
-    ("dz", dict(EPILOGUE=GELU_BACKWARD, SAVE_PRE=False), ("ak", "bn"), ("stride_am", "stride_bk")),
+# The GEMMs as launched for the Qwen2-VL-2B merger (C = 1280, merge 2: K = 5120, Hid = 5120, Out = 1536):
+# fc1 = xn [R, 5120] @ w1^T, dz = dy [R, 1536] @ w2 [1536, 5120]; R (the merged rows) varies
+_LAUNCHES = (
+    ("fc1 train", dict(EPILOGUE=GELU_FORWARD, SAVE_PRE=True), dict(N=5120, K=5120, stride_am=5120, stride_ak=1,
+                                                                   stride_bk=1, stride_bn=5120, stride_om=5120)),
+    ("fc1 infer", dict(EPILOGUE=GELU_FORWARD, SAVE_PRE=False), dict(N=5120, K=5120, stride_am=5120, stride_ak=1,
+                                                                    stride_bk=1, stride_bn=5120, stride_om=5120)),
+    ("dz", dict(EPILOGUE=GELU_BACKWARD, SAVE_PRE=False), dict(N=5120, K=1536, stride_am=1536, stride_ak=1,
+                                                              stride_bk=5120, stride_bn=1, stride_om=5120)),
 )
 
 
 def _matmul_specs(fn):
-    specs = []
-    for name, constexprs, unit, aligned in _VARIANTS:
-        unit = {f"stride_{s}": 1 for s in unit}
-        for dtype in ("fp16", "bf16"):
-            sig = signature(fn, dtype, colsum_ptr="*fp32", **dict.fromkeys(unit, "constexpr"))
-            specs.append(Spec(f"{dtype} {name}", sig, {**constexprs, **unit, "EVEN_K": True},
-                              aligned=("N", "K", "stride_om", *aligned)))
-    return specs
+    # floor: the fraction of tensor peak the performance model must allow (>= 80% at the merger shape)
+    return [launch_spec(f"{dtype} {name}", fn, dtype, {**constexprs, "EVEN_K": True}, ints, {"colsum_ptr": "*fp32"},
+                        floor=0.8)
+            for name, constexprs, ints in _LAUNCHES for dtype in ("fp16", "bf16")]
 
 
 @gated(tensor_cores="wgmma", specs=_matmul_specs)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .common import autotune_configs, even_k, matmul_tile, quarters
-from .registry import Spec, gated, prune_by_arch, signature
+from .registry import Spec, gated, launch_spec, prune_by_arch, signature
 
 
 def _gemm_configs():
@@ -53,10 +53,11 @@ def _size_class(tokens):
 
 
 def _gemm_specs(fn):
-    # SigLIP-so400m: C = Hid = 1152 (a multiple of 16, as real launches specialise it)
+    # SigLIP-so400m as launched: C = Hid = 1152, x and W1 rows of 1152; T varies. floor: the fraction of
+    # tensor peak the performance model must allow
     fp32 = {name: "*fp32" for name in ("partial_ptr", "dscore_ptr", "dw2_ptr", "db1_ptr")}
-    return [Spec(dt, signature(fn, dt, **fp32), {"EVEN_K": True}, aligned=("N", "K", "stride_x", "stride_w"))
-            for dt in ("fp16", "bf16")]
+    ints = {"N": 1152, "K": 1152, "stride_x": 1152, "stride_w": 1152}
+    return [launch_spec(dt, fn, dt, {"EVEN_K": True}, ints, fp32, floor=0.8) for dt in ("fp16", "bf16")]
 
 
 @triton.jit
@@ -99,7 +100,8 @@ def _mlp_backward_kernel(
     m0, n0 = tl.program_id(0) * BM, tl.program_id(1) * BN
     acc = _xw1(x_ptr, w1_ptr, m0, n0, M, N, K, stride_x, stride_w, EVEN_K, BM, BN, BK)
     q0, q1, q2, q3 = quarters(acc, BM, BN)
-    args = (m0, M, N, b1_ptr, w2_ptr, dscore_ptr, dh_ptr, dw2_ptr + tl.program_id(0) * N, db1_ptr + tl.program_id(0) * N)
+    row = tl.program_id(0) * N  # of the partials
+    args = (m0, M, N, b1_ptr, w2_ptr, dscore_ptr, dh_ptr, dw2_ptr + row, db1_ptr + row)
     _mlp_epilogue(q0, n0, *args)
     _mlp_epilogue(q1, n0 + BN // 4, *args)
     _mlp_epilogue(q2, n0 + BN // 2, *args)
@@ -123,36 +125,45 @@ def _mlp_epilogue(acc, n0, m0, M, N, b1_ptr, w2_ptr, dscore_ptr, dh_ptr, dw2_ptr
 
 @triton.jit
 def _window_block(meta_ptr, NW, BW: tl.constexpr):
-    """This program's block of windows: ids, live mask, first token, cols, image width and token count."""
+    """This program's block of windows: ids, live mask, first token, rows, cols and image width."""
     win = tl.program_id(0) * BW + tl.arange(0, BW)
     live = win < NW
     base = tl.load(meta_ptr + win * 4, mask=live, other=0)
     rows = tl.load(meta_ptr + win * 4 + 1, mask=live, other=0)
     cols = tl.load(meta_ptr + win * 4 + 2, mask=live, other=1)
     width = tl.load(meta_ptr + win * 4 + 3, mask=live, other=0)
-    return win, live, base, cols, width, rows * cols
+    return win, live, base, rows, cols, width
+
+
+# A window's tokens are walked one slot (di, dj) at a time, row-major, the slots of a block of windows
+# side by side: no per-slot registers and no integer division, whatever the window size.
+@triton.jit
+def _slot(di, dj, base, rows, width):
+    """Token at (di, dj) of each window and whether the window has it."""
+    return (base + di * width + dj).to(tl.int64), di < rows
 
 
 @triton.jit
-def _slot(k, base, cols, width, count):
-    """Token of slot k of each window (its tokens row-major) and whether the window has a k-th token."""
-    return (base + (k // cols) * width + k % cols).to(tl.int64), k < count
+def _next(di, dj, cols):
+    """The slot after (di, dj)."""
+    dj += 1
+    return tl.where(dj == cols, di + 1, di), tl.where(dj == cols, 0, dj)
 
 
 @triton.jit
-def _window_softmax(score_ptr, base, cols, width, count):
-    """(peak, total) of each window: its largest score and the sum of exp(score - peak) over its tokens.
-
-    Online over the slots, so windows of any size need no per-slot registers; slot 0 (every live window
-    has it) starts the running peak, which thus stays finite."""
+def _window_softmax(score_ptr, base, rows, cols, width):
+    """(peak, total) of each window: its largest score and the sum of exp(score - peak) over its tokens,
+    online over the slots; slot (0, 0), which every live window has, starts the peak (so it stays finite)."""
     peak = tl.load(score_ptr + base)
     total = tl.full(peak.shape, 1.0, tl.float32)
-    for k in range(1, tl.max(count)):
-        tok, has = _slot(k, base, cols, width, count)
+    di, dj = _next(base * 0, base * 0, cols)
+    for _ in range(1, tl.max(rows * cols)):
+        tok, has = _slot(di, dj, base, rows, width)
         s = tl.load(score_ptr + tok, mask=has, other=float("-inf"))
         new = tl.maximum(peak, s)
         total = total * tl.exp(peak - new) + tl.exp(s - new)
         peak = new
+        di, dj = _next(di, dj, cols)
     return peak, total
 
 
@@ -167,16 +178,16 @@ POOL_WARPS = 2  # 8 contiguous fp16/bf16 channels (16 bytes) a thread
 DSCORE_BLOCK = 128  # windows per program of the score-gradient pass (one a thread)
 
 
-def _pool_specs(fn):
+def _pool_specs(fn, suffix="", **constexprs):
+    # SigLIP-so400m: C = 1152, x and dy rows of 1152; floor: the fraction of DRAM bandwidth the model must allow
     types = {"score_ptr": "*fp32", "dots_ptr": "*fp32", "meta_ptr": "*i32"}
-    return [Spec(dt, signature(fn, dt, **types), dict(POOL_BLOCKS), {"num_warps": POOL_WARPS}, aligned=("C",))
-            for dt in ("fp16", "bf16")]
+    ints = {name: 1152 for name in ("C", "stride_x", "stride_dy") if name in fn.arg_names}
+    return [launch_spec(dt + suffix, fn, dt, {**POOL_BLOCKS, **constexprs}, ints, types,
+                        options={"num_warps": POOL_WARPS}, floor=0.8) for dt in ("fp16", "bf16")]
 
 
 def _pool_backward_specs(fn):
-    return [Spec(f"{s.name}{'' if dx else ' no dx'}", s.signature, {**s.constexprs, "WRITE_DX": dx}, s.options,
-                 aligned=s.aligned)
-            for s in _pool_specs(fn) for dx in (True, False)]
+    return _pool_specs(fn, WRITE_DX=True) + _pool_specs(fn, " no dx", WRITE_DX=False)
 
 
 @gated(specs=_pool_specs)
@@ -185,15 +196,17 @@ def _pool_kernel(
     x_ptr, score_ptr, meta_ptr, out_ptr, NW, C, stride_x, BW: tl.constexpr, BC: tl.constexpr,
 ):
     """out[window, c tile] = sum over the window's tokens of softmax(score) * x."""
-    win, live, base, cols, width, count = _window_block(meta_ptr, NW, BW)
-    peak, total = _window_softmax(score_ptr, base, cols, width, count)
+    win, live, base, rows, cols, width = _window_block(meta_ptr, NW, BW)
+    peak, total = _window_softmax(score_ptr, base, rows, cols, width)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = c < C
     out = tl.zeros((BW, BC), dtype=tl.float32)
-    for k in range(0, tl.max(count)):
-        tok, has = _slot(k, base, cols, width, count)
+    di, dj = base * 0, base * 0
+    for _ in range(0, tl.max(rows * cols)):
+        tok, has = _slot(di, dj, base, rows, width)
         x = tl.load(x_ptr + tok[:, None] * stride_x + c[None, :], mask=has[:, None] & c_ok[None, :], other=0.0)
         out += _slot_weight(score_ptr, tok, has, peak, total)[:, None] * x.to(tl.float32)
+        di, dj = _next(di, dj, cols)
     tl.store(out_ptr + win.to(tl.int64)[:, None] * C + c[None, :], out.to(out_ptr.dtype.element_ty),
              mask=live[:, None] & c_ok[None, :])
 
@@ -206,21 +219,23 @@ def _pool_backward_kernel(
 ):
     """For a channel tile: dots[tile, t] = x[t] . dy[window of t] over the tile's channels, and (WRITE_DX)
     dx = w * dy, the pooling term of dx (the score MLP's is added later). dy is read once per window."""
-    win, live, base, cols, width, count = _window_block(meta_ptr, NW, BW)
-    peak, total = _window_softmax(score_ptr, base, cols, width, count)
+    win, live, base, rows, cols, width = _window_block(meta_ptr, NW, BW)
+    peak, total = _window_softmax(score_ptr, base, rows, cols, width)
     tile = tl.program_id(1)
     c = tile * BC + tl.arange(0, BC)
     c_ok = c < C
     dy = tl.load(dy_ptr + win.to(tl.int64)[:, None] * stride_dy + c[None, :], mask=live[:, None] & c_ok[None, :],
                  other=0.0).to(tl.float32)
-    for k in range(0, tl.max(count)):
-        tok, has = _slot(k, base, cols, width, count)
+    di, dj = base * 0, base * 0
+    for _ in range(0, tl.max(rows * cols)):
+        tok, has = _slot(di, dj, base, rows, width)
         mask = has[:, None] & c_ok[None, :]
         x = tl.load(x_ptr + tok[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dots_ptr + tile * T + tok, tl.sum(x * dy, axis=1), mask=has)
         if WRITE_DX:
             w = _slot_weight(score_ptr, tok, has, peak, total)
             tl.store(dx_ptr + tok[:, None] * C + c[None, :], (w[:, None] * dy).to(dx_ptr.dtype.element_ty), mask=mask)
+        di, dj = _next(di, dj, cols)
 
 
 @triton.jit
@@ -233,20 +248,24 @@ def _slot_dot(dots_ptr, tok, has, T, TILES):
 
 
 @gated(specs=lambda fn: [Spec("fp32", signature(fn, "fp32", meta_ptr="*i32"), {"BW": DSCORE_BLOCK},
-                              {"num_warps": 4})])
+                              {"num_warps": 4}, floor=0.8)])
 @triton.jit
 def _dscore_kernel(score_ptr, meta_ptr, dots_ptr, dscore_ptr, NW, T, TILES, BW: tl.constexpr):
     """dscore = w * (dot - sum_window(w * dot)) per token, the gradient of the window softmax."""
-    win, live, base, cols, width, count = _window_block(meta_ptr, NW, BW)
-    peak, total = _window_softmax(score_ptr, base, cols, width, count)
+    win, live, base, rows, cols, width = _window_block(meta_ptr, NW, BW)
+    peak, total = _window_softmax(score_ptr, base, rows, cols, width)
     mean = tl.zeros((BW,), dtype=tl.float32)
-    for k in range(0, tl.max(count)):
-        tok, has = _slot(k, base, cols, width, count)
+    di, dj = base * 0, base * 0
+    for _ in range(0, tl.max(rows * cols)):
+        tok, has = _slot(di, dj, base, rows, width)
         mean += _slot_weight(score_ptr, tok, has, peak, total) * _slot_dot(dots_ptr, tok, has, T, TILES)
-    for k in range(0, tl.max(count)):
-        tok, has = _slot(k, base, cols, width, count)
+        di, dj = _next(di, dj, cols)
+    di, dj = base * 0, base * 0
+    for _ in range(0, tl.max(rows * cols)):
+        tok, has = _slot(di, dj, base, rows, width)
         w = _slot_weight(score_ptr, tok, has, peak, total)
         tl.store(dscore_ptr + tok, w * (_slot_dot(dots_ptr, tok, has, T, TILES) - mean), mask=has)
+        di, dj = _next(di, dj, cols)
 
 
 def _window_meta(grid_hw, window, num_windows, device):
