@@ -13,8 +13,9 @@ Implementations:
   (Sequential(Linear, ReLU, Linear) scores, per-window softmax and weighted sum; grids divisible by the
   window); for deepstack_add ``hidden[index] += stacked`` on a copy (``torch-index-put``) and
   ``index_add`` (``torch-index-add``).
-On CUDA the patch_merge parts are also timed alone: its fc1 GEMM (with its fused epilogue) against
-torch.matmul at the same shape, and its memory-bound norm passes against the copy bandwidth (the DESIGN targets: >= 90% of cuBLAS, >= 85% of copy bandwidth).
+On CUDA the patch_merge parts are also timed alone: its two Triton GEMMs (fc1 and the backward's dz, with
+their fused epilogues) against torch.matmul at the same shapes, and its memory-bound norm passes against
+the copy bandwidth (the DESIGN targets: >= 90% of cuBLAS, >= 85% of copy bandwidth).
 
 CUDA runs bf16 at the embedded model shapes. On CPU only the reference and torch paths run, in fp32 on
 scaled-down shapes, and every case name says ``[cpu]``. ``python -m fastvl.bench.compression [--quick]
@@ -241,11 +242,15 @@ def _part_rows(case, common, copy_gbps, device, warmup, repeat):
     xn = kernel.normalise(x, ln_w, ln_b, 1e-6, "layernorm")
     merged = xn.view(p["rows"], p["k"])
     act = x.new_empty(p["rows"], p["hid"])
+    pre, dy = torch.randn_like(act), torch.randn(p["rows"], p["out"], dtype=x.dtype, device=x.device)
     dnormed = torch.randn_like(xn)
     gemms = {
         "fc1 (bias+GELU epilogue)": (2 * p["rows"] * p["k"] * p["hid"],
                                      lambda: kernel.matmul(merged, w1.t(), act, kernel.GELU_FORWARD, bias=b1),
                                      lambda: torch.matmul(merged, w1.t())),
+        "dz (GELU' epilogue, db1 sums)": (2 * p["rows"] * p["out"] * p["hid"],
+                                          lambda: kernel.matmul(dy, w2, act, kernel.GELU_BACKWARD, pre=pre),
+                                          lambda: torch.matmul(dy, w2)),
     }
     rows = []
     for part, (flop, ours, cublas) in gemms.items():
