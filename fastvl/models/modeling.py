@@ -145,7 +145,8 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
             )
         embeds = embeds.masked_scatter(mask[..., None], main.to(embeds.dtype))
         if stacked is not None:
-            self.deepstack.arm(mask.reshape(-1).nonzero().squeeze(1), stacked)
+            # the rows of this batch's own image tokens: valid by construction, no host sync per layer
+            self.deepstack.arm(mask.reshape(-1).nonzero().squeeze(1), stacked, check_index=False)
         if self.embq is None:
             return embeds, None
         # which images belong to which sample: consecutive images whose LLM tokens fill its image tokens
