@@ -226,3 +226,21 @@ def test_unchecked_index(triton_backend, device, op):
     assert_close(out, _reference(before[4:-4], bad[keep], stacked[keep]), torch.float32)
     with pytest.raises(TypeError, match="^check_index must be a bool"):
         op(hidden, index, stacked, check_index=1)
+
+
+@pytest.mark.gpu
+def test_bf16_llm_shape(triton_backend):
+    """An LLM of width 1536, 4 x 2048 tokens, 3980 image rows, bf16: out of place with gradients, and in place."""
+    gen = generator(18)
+    hidden = randn(4, 2048, 1536, dtype=torch.bfloat16, device="cuda", gen=gen, requires_grad=True)
+    index = torch.randperm(4 * 2048, generator=gen)[:3980].cuda()
+    stacked = randn(3980, 1536, dtype=torch.bfloat16, device="cuda", gen=gen, requires_grad=True)
+    out = fastvl.deepstack_add(hidden, index, stacked, check_index=False)
+    assert_close(out, _reference(hidden.detach(), index, stacked.detach()), torch.bfloat16)
+    grad = randn(*out.shape, dtype=torch.bfloat16, device="cuda", gen=gen)
+    out.backward(grad)
+    assert torch.equal(hidden.grad, grad) and torch.equal(stacked.grad, grad.view(-1, 1536)[index])
+    with torch.no_grad():
+        target = hidden.detach().clone()
+        fastvl.deepstack_add_(target, index, stacked.detach())
+    assert torch.equal(target, out.detach())
