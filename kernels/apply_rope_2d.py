@@ -6,13 +6,12 @@ cos/sin of the D/2 angles once (common.rope_2d_cos_sin: exact modulo one turn, f
 frequencies) and applies them to a group of heads. The half vectors are split into two power-of-two
 parts (40 = 32 + 8 at D = 80), not padded: no idle lanes at the head dims models use.
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import rope_2d_cos_sin, rope_table
+from .common import rope_2d_cos_sin, rope_table, sm_count
 from .registry import Spec, gated, signature
 
 HEAD_DIMS = (16, 64, 72, 80, 96, 128)  # compiled by the gate; any multiple of 4 runs
@@ -83,14 +82,9 @@ def _heads_per_program(token_blocks, heads, device):
     """All heads in one program (cos/sin computed once per token) unless that leaves SMs idle."""
     if device.type != "cuda":
         return heads
-    programs = 4 * _sm_count(device.index)
+    programs = 4 * sm_count(device)
     groups = min(heads, triton.cdiv(programs, token_blocks))
     return triton.cdiv(heads, groups)
-
-
-@functools.cache
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def apply_rope_2d(x, pos, theta, inverse, heads_per_program=None):

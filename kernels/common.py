@@ -66,6 +66,19 @@ _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
+@functools.cache
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (0 for any other device)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def size_class(tokens: int) -> int:
+    """log2 of a token count: keys GEMM autotuning (a single image and a training pack tile differently)
+    without re-tuning for every pack size."""
+    return max(tokens, 1).bit_length()
+
+
 def autotune_configs(gpu, interpreter):
     """Autotune configs from (kwargs, warps, stages) triples; the interpreter gets ``interpreter`` alone (one
     program at a time, it would time every config, and small blocks give small test shapes several)."""

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, even_k, gelu, gelu_grad, matmul_tile, quarters
+from .common import autotune_configs, even_k, gelu, gelu_grad, matmul_tile, quarters, size_class, sm_count
 from .registry import gated, launch_spec, prune_by_arch
 
 # epilogues of the fused GEMM
@@ -207,7 +207,7 @@ def matmul(a, b, out, epilogue, *, bias=None, pre=None, save_pre=False):
 
         _merge_matmul[grid](
             a, b, out, out if bias is None else bias, out if pre is None else pre, colsum, M, N, K,
-            *a.stride(), *b.stride(), out.stride(0), M.bit_length(), EPILOGUE=epilogue, SAVE_PRE=save_pre,
+            *a.stride(), *b.stride(), out.stride(0), size_class(M), EPILOGUE=epilogue, SAVE_PRE=save_pre,
         )
     return out if epilogue == GELU_FORWARD else colsum.sum(0)
 
@@ -241,8 +241,7 @@ def norm_backward(dnormed, x, ln_w, eps, norm):
         return dx, zeros, None if rms else zeros.clone()
     block_t, block_c = _norm_launch(x)
     # a few programs per SM striding over the row blocks (two in the interpreter, which pays per program)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 0
-    programs = min(triton.cdiv(tokens, block_t), 4 * sms or 2)
+    programs = min(triton.cdiv(tokens, block_t), 4 * sm_count(x.device) or 2)
     dw = x.new_empty(programs, channels, dtype=torch.float32)
     db = dw if rms else torch.empty_like(dw)
     _merge_norm_backward[(programs,)](

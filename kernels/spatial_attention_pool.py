@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, even_k, matmul_tile, quarters
+from .common import autotune_configs, even_k, matmul_tile, quarters, size_class
 from .registry import Spec, gated, launch_spec, prune_by_arch, signature
 
 
@@ -44,12 +44,6 @@ def _gemm_configs():
 _GEMM_CONFIGS = _gemm_configs()
 _MIN_BM = min(c.kwargs["BM"] for c in _GEMM_CONFIGS)
 _MIN_BN = min(c.kwargs["BN"] for c in _GEMM_CONFIGS)
-
-
-def _size_class(tokens):
-    """log2 of the token count: keys the GEMM autotuning (a single crop and a training pack tile differently)
-    without re-tuning for every pack size."""
-    return max(tokens, 1).bit_length()
 
 
 def _gemm_specs(fn):
@@ -296,7 +290,7 @@ def _scores(x, w1, b1, w2):
     if hid:
         grid = lambda meta: (triton.cdiv(tokens, meta["BM"]), triton.cdiv(hid, meta["BN"]))  # noqa: E731
         _score_kernel[grid](x, w1, b1, w2, partial, tokens, hid, channels, x.stride(0), w1.stride(0),
-                            _size_class(tokens))
+                            size_class(tokens))
     return partial.sum(0)
 
 
@@ -344,7 +338,7 @@ def backward(grad, x, grid_hw, w1, b1, w2, b2, window, num_windows, scores, need
     if dh.numel():
         grid = lambda meta: (triton.cdiv(tokens, meta["BM"]), triton.cdiv(hid, meta["BN"]))  # noqa: E731
         _mlp_backward_kernel[grid](x, w1, b1, w2, dscore, dh, dw2, db1, tokens, hid, channels,
-                                   x.stride(0), w1.stride(0), _size_class(tokens))
+                                   x.stride(0), w1.stride(0), size_class(tokens))
     if need_dx:
         dx = torch.addmm(dx, dh, w1)
     dw1 = dh.t() @ x
