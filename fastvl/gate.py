@@ -63,9 +63,10 @@ def _verdict(gated, spec, row, cap):
     if "report" in row:
         if want == "wgmma" and cap >= 90 and row["mma_sync"]:
             return "MMA-SYNC"
-        if spec.floor is None:
+        floor = spec.floor_on(cap)
+        if floor is None:
             return "NO-FLOOR"
-        if row["report"].ceiling.bound < spec.floor:
+        if row["report"].ceiling.bound < floor:
             return "LOW"
     return "ok"
 
@@ -91,8 +92,12 @@ def _jobs(registry, pattern):
             continue
         for si, spec in enumerate(gated.specs(gated.jit_fn)):
             for ci, (label, constexprs, _) in enumerate(gated.configs):
+                # a spec that sets a constexpr of the configs (e.g. the block its launch uses) takes only
+                # the configs that agree; an ARCH-tagged config runs on that architecture family only
+                if any(spec.constexprs.get(k, v) != v for k, v in constexprs.items() if k != "ARCH"):
+                    continue
                 for cap in ARCHS:
-                    if cap in spec.archs and constexprs.get("ARCH", cap) == cap:  # else launched on the other family only
+                    if cap in spec.archs and constexprs.get("ARCH", cap) == cap:
                         yield gi, si, ci, cap
 
 
@@ -158,7 +163,7 @@ def run(pattern: str | None = None, perf: bool = False, jobs: int | None = None,
             failures += status != "ok"
             line = f"{key} {row['regs']:>4} {row['spills']:>5} {row['shared']:>6} {row['matrix']:5}"
             if perf:
-                floor = "-" if spec.floor is None else f"{100 * spec.floor:.0f}%"
+                floor = "-" if spec.floor_on(cap) is None else f"{100 * spec.floor_on(cap):.0f}%"
                 line += f" {_perf_columns(row)} {floor:>5}"
             print(f"{line} {status}", file=out, flush=True)
     print(f"{len(todo)} compilations, {failures} failures", file=out)

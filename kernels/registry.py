@@ -33,7 +33,11 @@ class Spec:
     # always are (torch allocations are aligned), so the gate sees the vectorised loads real launches get
     aligned: tuple = ()
     archs: tuple = (80, 90)  # the architectures this specialisation is launched on
-    floor: float | None = None  # lowest accepted performance-model ceiling (fraction of peak)
+    # lowest accepted performance-model ceiling (fraction of peak): one for every arch, or {arch: floor}
+    floor: float | dict | None = None
+
+    def floor_on(self, arch):
+        return self.floor.get(arch) if isinstance(self.floor, dict) else self.floor
 
 
 @dataclass

@@ -24,7 +24,9 @@ SCRIPT = textwrap.dedent('''
     from fastvl.kernels.registry import Spec, gated, signature
 
     def specs(fn):
-        return [Spec("fp16", signature(fn, "fp16"), {}, floor=0.1)]
+        # the second spec pins BLOCK: only the configs that agree compile for it
+        return [Spec("fp16", signature(fn, "fp16"), {}, floor=0.1),
+                Spec("fp16-b64", signature(fn, "fp16"), {"BLOCK": 64}, floor={80: 0.1, 90: 0.99})]
 
     @gated(specs, tensor_cores="wgmma")
     @triton.autotune([triton.Config({"BLOCK": 64}, num_warps=4), triton.Config({"BLOCK": 16}, num_warps=1),
@@ -85,7 +87,7 @@ def toy_gate(tmp_path_factory):
     for line in result.stdout.splitlines():
         if line.startswith("toy_"):
             cols = line.split()
-            rows[cols[0], cols[2], cols[3]] = cols
+            rows[cols[0], cols[1], cols[2], cols[3]] = cols
     return result, rows
 
 
@@ -93,7 +95,7 @@ def toy_gate(tmp_path_factory):
 def test_gate_reports_every_config_and_arch(toy_gate):
     result, rows = toy_gate
     out = result.stdout + result.stderr
-    dot = {(c, a): r for (k, c, a), r in rows.items() if k == "toy_dot"}
+    dot = {(c, a): r for (k, s, c, a), r in rows.items() if (k, s) == ("toy_dot", "fp16")}
     # 2 configs x sm80, sm90, and an ARCH=80 config compiled for sm80 only
     assert len(dot) == 5 and ("BLOCK=32,ARCH=80,w4,s3", "sm80") in dot, out
     big, small = "BLOCK=64,w4,s3", "BLOCK=16,w1,s3"
@@ -102,26 +104,30 @@ def test_gate_reports_every_config_and_arch(toy_gate):
     assert int(dot[big, "sm90"][4]) > 0  # registers reported
     # one warp cannot issue wgmma: a kernel that registered for it fails the gate there
     assert dot[small, "sm90"][-1] == "NO-WGMMA"
+    pinned = {(c, a): r for (k, s, c, a), r in rows.items() if s == "fp16-b64"}
+    assert sorted(pinned) == [(big, "sm80"), (big, "sm90")], out
+    # a floor per architecture
+    assert pinned[big, "sm80"][-2:] == ["10%", "ok"] and pinned[big, "sm90"][-2:] == ["99%", "LOW"], out
     assert result.returncode == 1
-    assert "9 compilations, 5 failures" in out
+    assert "11 compilations, 6 failures" in out
 
 
 @pytest.mark.slow
 def test_gate_perf_columns(toy_gate):
     result, rows = toy_gate
     out = result.stdout + result.stderr
-    row = rows["toy_dot", "BLOCK=64,w4,s3", "sm90"]
+    row = rows["toy_dot", "fp16", "BLOCK=64,w4,s3", "sm90"]
     assert row[8] == "loop", out  # the dot's loop was found
     assert "64x64x16*4" in row, out  # 4 wgmma 64x64x16 per iteration (K = 64)
     tensor = float(row[-8])
     assert tensor == 4 * 2 * 64 * 64 * 16 / 4096  # tensor cycles per iteration
     assert row[-4].endswith("%") and row[-3].startswith("(")  # ceiling and limiter
     # wgmma and mma.sync in one sm_90 kernel registered for wgmma
-    assert rows["toy_mixed", "default", "sm90"][-1] == "MMA-SYNC", out
+    assert rows["toy_mixed", "fp16", "default", "sm90"][-1] == "MMA-SYNC", out
     # a memory-bound kernel reports bytes moved per byte written against DRAM, and its floor fails
-    copy = rows["toy_copy", "default", "sm90"]
+    copy = rows["toy_copy", "fp16", "default", "sm90"]
     assert copy[-8] == "2.00B" and copy[-3] == "(issue)" and copy[-1] == "LOW", out
-    assert "toy_broken" in out and "ERROR" in rows["toy_broken", "default", "sm80"], out
+    assert "toy_broken" in out and "ERROR" in rows["toy_broken", "fp32", "default", "sm80"], out
 
 
 def test_gate_fails_when_no_kernel_matches(tmp_path):
