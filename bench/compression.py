@@ -13,9 +13,9 @@ Implementations:
   (Sequential(Linear, ReLU, Linear) scores, per-window softmax and weighted sum; grids divisible by the
   window); for deepstack_add ``hidden[index] += stacked`` on a copy (``torch-index-put``) and
   ``index_add`` (``torch-index-add``).
-On CUDA the patch_merge parts are also timed alone: its two GEMMs (with their fused prologue and
-epilogues) against torch.matmul at the same shapes, and its memory-bound norm passes against the
-copy bandwidth (the DESIGN targets: >= 90% of cuBLAS, >= 85% of copy bandwidth).
+On CUDA the patch_merge parts are also timed alone: its two Triton GEMMs (fc1 and the backward's dz, with
+their fused epilogues) against torch.matmul at the same shapes, and its memory-bound norm passes against
+the copy bandwidth (the DESIGN targets: >= 90% of cuBLAS, >= 85% of copy bandwidth).
 
 CUDA runs bf16 at the embedded model shapes. On CPU only the reference and torch paths run, in fp32 on
 scaled-down shapes, and every case name says ``[cpu]``. ``python -m fastvl.bench.compression [--quick]
@@ -252,18 +252,18 @@ def _part_rows(case, base, copy_gbps, device, plan):
 
     p = case.parts
     x, ln_w, ln_b, w1, b1, w2, b2 = (t.detach() for t in case.inputs)
-    stats = kernel.norm_stats(x, 1e-6, "layernorm")
-    merged = kernel.Merged(x, stats, ln_w, ln_b, p["m"] * p["m"])
+    xn = kernel.normalise(x, ln_w, ln_b, 1e-6, "layernorm")
+    merged = xn.view(p["rows"], p["k"])
     act = x.new_empty(p["rows"], p["hid"])
-    out = x.new_empty(p["rows"], p["out"])
-    normed = F.layer_norm(x, (x.shape[1],), ln_w, ln_b, 1e-6).view(p["rows"], p["k"])
-    dnormed = torch.randn_like(normed)
+    pre, dy = torch.randn_like(act), torch.randn(p["rows"], p["out"], dtype=x.dtype, device=x.device)
+    dnormed = torch.randn_like(xn)
     gemms = {
-        "fc1 (norm prologue, bias+GELU epilogue)": (2 * p["rows"] * p["k"] * p["hid"],
-                                                    lambda: kernel.matmul(merged, w1.t(), act, bias=b1, gelu=1),
-                                                    lambda: torch.matmul(normed, w1.t())),
-        "fc2 (bias epilogue)": (2 * p["rows"] * p["hid"] * p["out"], lambda: kernel.matmul(act, w2.t(), out, bias=b2),
-                                lambda: torch.matmul(act, w2.t())),
+        "fc1 (bias+GELU epilogue)": (2 * p["rows"] * p["k"] * p["hid"],
+                                     lambda: kernel.matmul(merged, w1.t(), act, kernel.GELU_FORWARD, bias=b1),
+                                     lambda: torch.matmul(merged, w1.t())),
+        "dz (GELU' epilogue, db1 sums)": (2 * p["rows"] * p["out"] * p["hid"],
+                                          lambda: kernel.matmul(dy, w2, act, kernel.GELU_BACKWARD, pre=pre),
+                                          lambda: torch.matmul(dy, w2)),
     }
     rows = []
     for part, (flop, ours, cublas) in gemms.items():
@@ -272,9 +272,9 @@ def _part_rows(case, base, copy_gbps, device, plan):
                      "tflops": flop / ours_ms / 1e9, "cublas_ms": cublas_ms, "cublas_tflops": flop / cublas_ms / 1e9,
                      "vs_cublas": cublas_ms / ours_ms})
     passes = {
-        "norm stats (read x)": (_nbytes(x) + _nbytes(stats), lambda: kernel.norm_stats(x, 1e-6, "layernorm")),
-        "norm backward (read x, dX; write dx)": (3 * _nbytes(x) + _nbytes(stats),
-                                                 lambda: kernel.norm_backward(dnormed, x, stats, ln_w, "layernorm")),
+        "normalise (read x, write xn)": (2 * _nbytes(x), lambda: kernel.normalise(x, ln_w, ln_b, 1e-6, "layernorm")),
+        "norm backward (read x, dX; write dx)": (3 * _nbytes(x),
+                                                 lambda: kernel.norm_backward(dnormed, x, ln_w, 1e-6, "layernorm")),
     }
     for part, (mbytes, fn) in passes.items():
         ms = common.measure(fn, device, plan).median

@@ -24,6 +24,9 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     gate = sub.add_parser("gate", help="compile every Triton kernel for sm_80/sm_90 and report registers, spills, smem")
     gate.add_argument("--kernel", help="regular expression on kernel names")
+    gate.add_argument("--perf", action="store_true",
+                      help="also read each hot loop's SASS: instruction mix and the ceiling on the fraction of peak")
+    gate.add_argument("--jobs", type=int, help="parallel compilations (default: one per CPU)")
     bench = sub.add_parser("bench", help="benchmark suites on embedded default shapes: tables, JSON and plots")
     from .bench import add_arguments
 
@@ -54,7 +57,7 @@ def main(argv=None):
     if args.command == "gate":
         from .gate import run
 
-        return run(args.kernel)
+        return run(args.kernel, perf=args.perf, jobs=args.jobs)
     if args.command == "bench":
         from .bench import main as bench_main
 

@@ -2,64 +2,47 @@
 
 Pair (i, i + D/2) rotates by row * f_i for i < D/4 and by col * f_(i - D/4) after, with
 f_j = theta^(-4j/D). A program takes a block of tokens: it reads their positions once, computes
-cos/sin of the D/2 angles once (in fp32, from pos and theta: no table in memory) and applies them
-to a group of heads. Half vectors are padded to a power of two and masked (D = 72, 80, 96, ...).
+cos/sin of the D/2 angles once (common.rope_2d_cos_sin: exact modulo one turn, from a D/4 table of
+frequencies) and applies them to a group of heads. The half vectors are split into two power-of-two
+parts (40 = 32 + 8 at D = 80), not padded: no idle lanes at the head dims models use.
 """
-import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from .common import rope_2d_cos_sin, rope_table, sm_count
 from .registry import Spec, gated, signature
 
 HEAD_DIMS = (16, 64, 72, 80, 96, 128)  # compiled by the gate; any multiple of 4 runs
-TILE = 1024  # elements of one [BLOCK_T, BLOCK_HALF] tile: 8 per thread with 4 warps (< 100 registers)
+TILE = 1024  # elements of the [BLOCK_T, WA] tile: 8 per thread with 4 warps (< 100 registers)
 
 
 def _specs(fn):
     return [
-        Spec(f"{name} D={d}", signature(fn, name, pos_ptr="*i32", log2_theta="fp32", sin_sign="fp32"),
-             {"HEAD_DIM": d, **_blocks(d)}, {"num_warps": 4})
+        Spec(f"{name} D={d}", signature(fn, name, pos_ptr="*i32", table_ptr="*i64", sin_sign="fp32"),
+             {"HEAD_DIM": d, **_blocks(d)}, {"num_warps": 4}, floor=0.8)
         for name in ("fp16", "bf16", "fp32")
         for d in HEAD_DIMS
     ]
 
 
 @triton.jit
-def rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM: tl.constexpr,
-                    DIRECTION: tl.constexpr):
-    """fp32 cos/sin [len(tok), len(pair)] of the rotation of pairs (i, i + D/2), i in ``pair``, at the
-    tokens' (row, col) positions (int32 pos [T, 2] with strides); DIRECTION -1 for the inverse rotation.
-    Shared by every kernel that rotates q or k. (Inverse angles also keep the compiler from sharing one
-    cos/sin tile between a load and the store of its gradient, which would hold it in registers through
-    the whole loop.)"""
-    QUARTER: tl.constexpr = HEAD_DIM // 4
-    use_col = pair >= QUARTER
-    freq = DIRECTION * tl.exp2(tl.where(use_col, pair - QUARTER, pair).to(tl.float32) * (-4.0 / HEAD_DIM) * log2_theta)
-    row = tl.load(pos_ptr + tok * stride_pt, mask=tok_mask, other=0).to(tl.float32)
-    col = tl.load(pos_ptr + tok * stride_pt + stride_pc, mask=tok_mask, other=0).to(tl.float32)
-    angle = tl.where(use_col[None, :], col[:, None], row[:, None]) * freq[None, :]
-    return cos_sin(angle)
-
-
-@triton.jit
-def cos_sin(x):
-    """cos(x), sin(x) in fp32 arithmetic, ~1e-7 absolute for |x| up to thousands of radians: reduction by
-    pi/2 in three exact parts, then Taylor polynomials on [-pi/4, pi/4]. (tl.cos/tl.sin lower to libdevice,
-    whose huge-argument path needs a stack frame; the MUFU approximations lose accuracy past a few pi.)"""
-    quadrant = tl.floor(x * 0.6366197723675814 + 0.5)
-    r = x - quadrant * 1.5703125 - quadrant * 4.837512969970703125e-4 - quadrant * 7.54978995489188216e-8
-    r2 = r * r
-    sin_r = r + r * r2 * (-1.6666666666666666e-1 + r2 * (8.333333333333333e-3 + r2 * (-1.984126984126984e-4
-                                                                                    + r2 * 2.7557319223985893e-6)))
-    cos_r = 1.0 + r2 * (-0.5 + r2 * (4.1666666666666664e-2 + r2 * (-1.3888888888888889e-3 + r2 * 2.48015873015873e-5)))
-    k = quadrant - 4.0 * tl.floor(quadrant * 0.25)  # quadrant mod 4
-    odd = (k == 1.0) | (k == 3.0)
-    c = tl.where(odd, sin_r, cos_r)
-    s = tl.where(odd, cos_r, sin_r)
-    return tl.where((k == 1.0) | (k == 2.0), -c, c), tl.where(k >= 2.0, -s, s)
+def _rotate_part(x_tok, y_tok, pos_ptr, tok, tok_ok, stride_pt, stride_pc, stride_xh, stride_yh, h0, h1,
+                 table_ptr, sin_sign, START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rotate pairs (i, i + D/2) for i in START + [0, WIDTH) of heads h0..h1-1, cos/sin computed once."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    i = START + tl.arange(0, WIDTH)
+    cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_ok, stride_pt, stride_pc, i, table_ptr, HEAD_DIM)
+    sin = sin * sin_sign
+    mask = tok_ok[:, None] & (i < HALF)[None, :]
+    x_tok += i[None, :]
+    y_tok += i[None, :]
+    for h in range(h0, h1):
+        x1 = tl.load(x_tok + h * stride_xh, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_tok + h * stride_xh + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_tok + h * stride_yh, (x1 * cos - x2 * sin).to(y_tok.dtype.element_ty), mask=mask)
+        tl.store(y_tok + h * stride_yh + HALF, (x2 * cos + x1 * sin).to(y_tok.dtype.element_ty), mask=mask)
 
 
 @gated(_specs)
@@ -67,47 +50,41 @@ def cos_sin(x):
 def _rope_2d_kernel(
     x_ptr, y_ptr, pos_ptr, T, H, heads_per_program,
     stride_xt, stride_xh, stride_yt, stride_yh, stride_pt, stride_pc,
-    log2_theta, sin_sign,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    table_ptr, sin_sign,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr,
 ):
-    HALF: tl.constexpr = HEAD_DIM // 2
+    """The half head dim D/2 in two power-of-two parts, WA + WB (WB = 0: one part): 36 = 32 + 4, 40 = 32 + 8,
+    48 = 32 + 16, so head dims 72/80/96 run without idle lanes."""
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = tok < T
     tok = tok.to(tl.int64)
-    i = tl.arange(0, BLOCK_HALF)
-    cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_ok, stride_pt, stride_pc, i, log2_theta, HEAD_DIM, 1.0)
-    sin = sin * sin_sign
-    mask = tok_ok[:, None] & (i < HALF)[None, :]
-
-    x_tok = x_ptr + tok[:, None] * stride_xt + i[None, :]
-    y_tok = y_ptr + tok[:, None] * stride_yt + i[None, :]
+    x_tok = x_ptr + tok[:, None] * stride_xt
+    y_tok = y_ptr + tok[:, None] * stride_yt
     h0 = tl.program_id(1) * heads_per_program
-    for h in range(h0, tl.minimum(h0 + heads_per_program, H)):
-        x1 = tl.load(x_tok + h * stride_xh, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_tok + h * stride_xh + HALF, mask=mask, other=0.0).to(tl.float32)
-        y1 = x1 * cos - x2 * sin
-        y2 = x2 * cos + x1 * sin
-        tl.store(y_tok + h * stride_yh, y1.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(y_tok + h * stride_yh + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
+    h1 = tl.minimum(h0 + heads_per_program, H)
+    _rotate_part(x_tok, y_tok, pos_ptr, tok, tok_ok, stride_pt, stride_pc, stride_xh, stride_yh, h0, h1,
+                 table_ptr, sin_sign, 0, WA, HEAD_DIM)
+    if WB:
+        _rotate_part(x_tok, y_tok, pos_ptr, tok, tok_ok, stride_pt, stride_pc, stride_xh, stride_yh, h0, h1,
+                     table_ptr, sin_sign, WA, WB, HEAD_DIM)
 
 
 def _blocks(head_dim):
-    block_half = triton.next_power_of_2(head_dim // 2)
-    return {"BLOCK_T": max(16, TILE // block_half), "BLOCK_HALF": block_half}
+    """BLOCK_T and the parts (WA, WB) of the half head dim: WA its largest power of two, WB the rest
+    rounded up to one (masked only when the rest is not a power of two, e.g. D = 88)."""
+    half = head_dim // 2
+    wa = 1 << (half.bit_length() - 1)
+    wb = triton.next_power_of_2(half - wa) if half > wa else 0
+    return {"BLOCK_T": max(16, TILE // wa), "WA": wa, "WB": wb}
 
 
 def _heads_per_program(token_blocks, heads, device):
     """All heads in one program (cos/sin computed once per token) unless that leaves SMs idle."""
     if device.type != "cuda":
         return heads
-    programs = 4 * _sm_count(device.index)
+    programs = 4 * sm_count(device)
     groups = min(heads, triton.cdiv(programs, token_blocks))
     return triton.cdiv(heads, groups)
-
-
-@functools.cache
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def forward(x, pos, theta, inverse, heads_per_program=None):
@@ -126,7 +103,7 @@ def forward(x, pos, theta, inverse, heads_per_program=None):
     _rope_2d_kernel[(token_blocks, triton.cdiv(H, per))](
         x, y, pos, T, H, per,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), pos.stride(0), pos.stride(1),
-        math.log2(theta), -1.0 if inverse else 1.0,
+        rope_table(D, theta, x.device), -1.0 if inverse else 1.0,
         HEAD_DIM=D, **blocks,
     )
     return y

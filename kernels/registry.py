@@ -6,7 +6,11 @@
     def _kernel(x_ptr, n, BLOCK: tl.constexpr): ...
 
 Pointer arguments are named ``*_ptr``; other non-constexpr arguments are i32 unless the
-signature says otherwise (``signature(fn, "bf16", scale="fp32")``).
+signature says otherwise (``signature(fn, "bf16", scale="fp32")``). ``launch_spec`` builds a Spec from
+the integer arguments a real launch passes, specialised as Triton specialises them.
+
+Every spec declares a ``floor``: the lowest ceiling on the fraction of peak (tensor cores for a kernel
+with dots, DRAM bandwidth otherwise) that ``fastvl gate --perf`` accepts for it (fastvl/perf.py).
 
 An autotune config whose kwargs hold ``ARCH`` (80 or 90; the kernel takes it as a constexpr and may
 choose its layout by it) belongs to that architecture family only: ``prune_by_arch`` drops the
@@ -29,6 +33,11 @@ class Spec:
     # always are (torch allocations are aligned), so the gate sees the vectorised loads real launches get
     aligned: tuple = ()
     archs: tuple = (80, 90)  # the architectures this specialisation is launched on
+    # lowest accepted performance-model ceiling (fraction of peak): one for every arch, or {arch: floor}
+    floor: float | dict | None = None
+
+    def floor_on(self, arch):
+        return self.floor.get(arch) if isinstance(self.floor, dict) else self.floor
 
 
 @dataclass
@@ -86,6 +95,20 @@ def gated(specs, tensor_cores=None):
         return kernel
 
     return register
+
+
+def launch_spec(name, fn, dtype, constexprs, ints, types=None, **spec):
+    """Spec of a launch whose integer arguments have the values ``ints`` (unlisted ones: unknown), as
+    Triton specialises them: a value of 1 becomes a constant, a multiple of 16 gets divisibility 16."""
+    sig = signature(fn, dtype, **(types or {}))
+    constexprs = dict(constexprs)
+    for arg, value in ints.items():
+        if sig[arg] != "i32":
+            raise ValueError(f"{fn.__name__}: {arg} is not an i32 argument")
+        if value == 1:
+            sig[arg], constexprs[arg] = "constexpr", 1
+    aligned = tuple(arg for arg, value in ints.items() if value != 1 and value % 16 == 0)
+    return Spec(name, sig, constexprs, aligned=aligned, **spec)
 
 
 def signature(fn, dtype, **types):

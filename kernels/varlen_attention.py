@@ -24,7 +24,7 @@ Cost notes behind the layout:
   accumulators live through the whole loop, so k and v enter the dots as shared-memory operands and
   the q blocks of that loop are small.
 """
-import math
+from dataclasses import replace
 
 import torch
 import triton
@@ -32,11 +32,10 @@ import triton.language as tl
 
 from fastvl._backend import interpreting
 
-from .apply_rope_2d import rope_2d_cos_sin
-from .registry import Spec, gated, prune_by_arch, signature
+from .common import LOG2E, rope_2d_cos_sin, rope_table
+from .registry import Spec, gated, launch_spec, prune_by_arch, signature
 
 HEAD_DIMS = (64, 72, 80, 96, 128)
-LOG2E = math.log2(math.e)
 DELTA_BLOCK = 64  # tokens per program of the delta pass
 
 
@@ -70,7 +69,7 @@ def _store_tile(ptr, x, tok, tok_mask, stride_t, START: tl.constexpr, WIDTH: tl.
 
 
 @triton.jit
-def _load_qk(ptr, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, log2_theta,
+def _load_qk(ptr, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, table_ptr,
              START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
     """A q/k tile in the dot layout, in the input dtype: plain head dims START + [0, WIDTH); with RoPE the
     rotated pairs (i, i + D/2), i in START/2 + [0, WIDTH/2), interleaved (rotation in fp32)."""
@@ -81,7 +80,7 @@ def _load_qk(ptr, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, log2_t
         lo_ptr = ptr + tok[:, None] * stride_t + pair[None, :]
         lo = tl.load(lo_ptr, mask=mask, other=0.0).to(tl.float32)
         hi = tl.load(lo_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM, 1.0)
+        cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, table_ptr, HEAD_DIM)
         x = tl.join(lo * cos - hi * sin, hi * cos + lo * sin)
         return tl.reshape(x, (tok.shape[0], WIDTH)).to(ptr.dtype.element_ty)
     else:
@@ -89,7 +88,7 @@ def _load_qk(ptr, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, log2_t
 
 
 @triton.jit
-def _store_qk_grad(ptr, g, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, log2_theta,
+def _store_qk_grad(ptr, g, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_pc, table_ptr,
                    START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
     """Store a dq/dk tile given in the layout of _load_qk; with RoPE rotate it back (by the negative angles)."""
     if ROPE:
@@ -97,7 +96,8 @@ def _store_qk_grad(ptr, g, tok, tok_mask, stride_t, pos_ptr, stride_pt, stride_p
         pair = START // 2 + tl.arange(0, WIDTH // 2)
         mask = tok_mask[:, None] & (pair < HALF)[None, :]
         lo, hi = tl.split(tl.reshape(g, (tok.shape[0], WIDTH // 2, 2)))
-        cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, log2_theta, HEAD_DIM, -1.0)
+        cos, sin = rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, table_ptr, HEAD_DIM)
+        sin = -sin
         lo_ptr = ptr + tok[:, None] * stride_t + pair[None, :]
         tl.store(lo_ptr, (lo * cos - hi * sin).to(ptr.dtype.element_ty), mask=mask)
         tl.store(lo_ptr + HALF, (hi * cos + lo * sin).to(ptr.dtype.element_ty), mask=mask)
@@ -121,16 +121,16 @@ def _key_ranges(m0, lq, lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N
 # ------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_ptr, rows, lk, causal_shift,
-               stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, start, end,
+               stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, table_ptr, start, end,
                HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
                ROPE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < lk
-        k = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+        k = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, table_ptr, 0, WA, HEAD_DIM, ROPE)
         s = tl.dot(qa, tl.trans(k))
         if WB > 0:
-            k = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+            k = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, table_ptr, WA, WB, HEAD_DIM, ROPE)
             s = tl.dot(qb, tl.trans(k), s)
         s = s * qk_scale
         if MASK:
@@ -155,13 +155,38 @@ def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_ptr, rows, lk, 
     return acc_a, acc_b, m_i, l_i
 
 
+# Launches the gate compiles: the ViT (packed qkv, non-causal, with and without RoPE) at every head
+# dim, and causal GQA for language models: (name, heads, kv_heads, head_dim, causal, rope, packed qkv)
+LAUNCHES = [(f"vit D={d}{' rope' if rope else ''}", 16, 16, d, False, rope, True)
+            for d in HEAD_DIMS for rope in (True, False)]
+LAUNCHES += [("llm D=64 gqa", 14, 2, 64, True, False, False), ("llm D=128 gqa", 16, 2, 128, True, False, False)]
+
+
+def _launch_ints(heads, kv_heads, dim, rope, packed):
+    """The integer arguments (strides, head counts) a launch at this shape passes."""
+    q_t = 3 * heads * dim if packed else heads * dim
+    kv_t = 3 * heads * dim if packed else kv_heads * dim
+    ints = {"heads": heads, "kv_heads": kv_heads, "group": heads // kv_heads,
+            "stride_pt": 2 if rope else 0, "stride_pc": 1 if rope else 0}
+    for name, stride_t in (("q", q_t), ("k", kv_t), ("v", kv_t), ("o", heads * dim), ("do", heads * dim),
+                           ("dq", heads * dim), ("dk", kv_heads * dim), ("dv", kv_heads * dim)):
+        ints[f"stride_{name}t"], ints[f"stride_{name}h"] = stride_t, dim
+    return ints
+
+
+def _launch_specs(fn, floor, **types):
+    params = {p.name for p in fn.params}
+    specs = []
+    for name, heads, kv_heads, dim, causal, rope, packed in LAUNCHES:
+        ints = {k: v for k, v in _launch_ints(heads, kv_heads, dim, rope, packed).items() if k in params}
+        consts = {"HEAD_DIM": dim, "WA": _tiles(dim)[0], "WB": _tiles(dim)[1], "CAUSAL": causal, "ROPE": rope}
+        specs.append(launch_spec(f"bf16 {name}", fn, "bf16", consts, ints, types, floor=floor))
+    return specs
+
+
 def _fwd_specs(fn):
-    return [
-        Spec(f"{dt} D={d} causal rope", signature(fn, dt, lse_ptr="*fp32", cu_q_ptr="*i32", cu_k_ptr="*i32",
-                                                  pos_ptr="*i32", qk_scale="fp32", log2_theta="fp32"),
-             {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1], "CAUSAL": True, "ROPE": True})
-        for dt in ("fp16", "bf16") for d in HEAD_DIMS
-    ]
+    return _launch_specs(fn, 0.25, lse_ptr="*fp32", cu_q_ptr="*i32", cu_k_ptr="*i32", pos_ptr="*i32", qk_scale="fp32",
+                         table_ptr="*i64")
 
 
 @gated(_fwd_specs, tensor_cores="wgmma")
@@ -172,7 +197,7 @@ def _fwd_specs(fn):
 @triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, pos_ptr,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-              stride_pt, stride_pc, tokens_q, heads, group, qk_scale, log2_theta,
+              stride_pt, stride_pc, tokens_q, heads, group, qk_scale, table_ptr,
               HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
               ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -195,47 +220,43 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, pos_ptr,
     v_ptr += k_start * stride_vt + (h // group) * stride_vh
     pos_k = pos_ptr + k_start * stride_pt
     pos_ptr += q_start * stride_pt
-    qa = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+    qa = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, table_ptr, 0, WA, HEAD_DIM, ROPE)
     qb = qa
     acc_a = tl.zeros([BLOCK_M, WA], dtype=tl.float32)
     acc_b = acc_a
     if WB > 0:
-        qb = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+        qb = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, table_ptr, WA, WB, HEAD_DIM, ROPE)
         acc_b = tl.zeros([BLOCK_M, WB], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     full, end = _key_ranges(m0, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)
     acc_a, acc_b, m_i, l_i = _fwd_tiles(
         acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_k, rows, lk, lk - lq, stride_kt, stride_vt,
-        stride_pt, stride_pc, qk_scale, log2_theta, 0, full, HEAD_DIM, WA, WB, CAUSAL, ROPE, False, BLOCK_N)
+        stride_pt, stride_pc, qk_scale, table_ptr, 0, full, HEAD_DIM, WA, WB, CAUSAL, ROPE, False, BLOCK_N)
     acc_a, acc_b, m_i, l_i = _fwd_tiles(
         acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, pos_k, rows, lk, lk - lq, stride_kt, stride_vt,
-        stride_pt, stride_pc, qk_scale, log2_theta, full, end, HEAD_DIM, WA, WB, CAUSAL, ROPE, True, BLOCK_N)
+        stride_pt, stride_pc, qk_scale, table_ptr, full, end, HEAD_DIM, WA, WB, CAUSAL, ROPE, True, BLOCK_N)
     # rows without a visible key: output 0, lse -inf (l_i == 0)
     has_key = l_i > 0
     inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
     _store_tile(o_ptr, acc_a * inv_l[:, None], rows, row_mask, stride_ot, 0, WA, HEAD_DIM)
     if WB > 0:
         _store_tile(o_ptr, acc_b * inv_l[:, None], rows, row_mask, stride_ot, WA, WB, HEAD_DIM)
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / LOG2E, float("-inf"))
     tl.store(lse_ptr + rows, lse, mask=row_mask)
 
 
 # ------------------------------------------------------------------ backward
 def _bwd_specs(fn):
-    return [
-        Spec(f"{dt} D={d} causal rope", signature(fn, dt, lse_ptr="*fp32", delta_ptr="*fp32", cu_q_ptr="*i32",
-                                                  cu_k_ptr="*i32", pos_ptr="*i32", qk_scale="fp32", scale="fp32",
-                                                  log2_theta="fp32"),
-             {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1], "CAUSAL": True, "ROPE": True})
-        for dt in ("fp16", "bf16") for d in HEAD_DIMS
-    ]
+    return _launch_specs(fn, 0.10, lse_ptr="*fp32", delta_ptr="*fp32", cu_q_ptr="*i32", cu_k_ptr="*i32",
+                         pos_ptr="*i32", qk_scale="fp32", scale="fp32", table_ptr="*i64")
 
 
 def _delta_specs(fn):
     return [
         Spec(f"{dt} D={d}", signature(fn, dt, delta_ptr="*fp32"),
-             {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1], "BLOCK_T": DELTA_BLOCK}, {"num_warps": 4})
+             {"HEAD_DIM": d, "WA": _tiles(d)[0], "WB": _tiles(d)[1], "BLOCK_T": DELTA_BLOCK}, {"num_warps": 4},
+             floor=0.5)
         for dt in ("fp16", "bf16") for d in (72, 128)
     ]
 
@@ -263,7 +284,7 @@ def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, stride_ot, stride_oh, stride_dot, 
 
 @triton.jit
 def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, delta_ptr, pos_ptr,
-                cols, lq, causal_shift, stride_qt, stride_dot, stride_pt, stride_pc, qk_scale, log2_theta, start, end,
+                cols, lq, causal_shift, stride_qt, stride_dot, stride_pt, stride_pc, qk_scale, table_ptr, start, end,
                 HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, ROPE: tl.constexpr,
                 MASK: tl.constexpr, BLOCK_M: tl.constexpr, PART: tl.constexpr):
     """Accumulate dk/dv (PART 0), dv only (1) or dk only (2) of one k block over q blocks [start, end)
@@ -273,12 +294,12 @@ def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, 
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < lq
-        q = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+        q = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, table_ptr, 0, WA, HEAD_DIM, ROPE)
         s = tl.dot(q, tl.trans(ka))
         if WB > 0:
-            qb = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+            qb = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, table_ptr, WA, WB, HEAD_DIM, ROPE)
             s = tl.dot(qb, tl.trans(kb), s)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * LOG2E
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASK:  # causal diagonal; also drops rows without a visible key (lse = -inf)
             p = tl.where(cols[None, :] <= rows[:, None] + causal_shift, p, 0.0)
@@ -316,7 +337,7 @@ def _dkdv_parts(device):
 
 
 def _dkdv_specs(fn):
-    return [Spec(f"{spec.name} P{part}", spec.signature, {**spec.constexprs, "PART": part}, archs=archs)
+    return [replace(spec, name=f"{spec.name} P{part}", constexprs={**spec.constexprs, "PART": part}, archs=archs)
             for spec in _bwd_specs(fn) for part, archs in DKDV_PARTS]
 
 
@@ -331,7 +352,7 @@ def _dkdv_specs(fn):
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr, pos_ptr,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_pt, stride_pc,
-                   tokens_q, kv_heads, group, qk_scale, scale, log2_theta,
+                   tokens_q, kv_heads, group, qk_scale, scale, table_ptr,
                    HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
                    ROPE: tl.constexpr, PART: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    ARCH: tl.constexpr = 0):
@@ -360,13 +381,13 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     dk_ptr += k_start * stride_dkt + hk * stride_dkh
     dv_ptr += k_start * stride_dvt + hk * stride_dvh
     pos_ptr += k_start * stride_pt
-    ka = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+    ka = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, table_ptr, 0, WA, HEAD_DIM, ROPE)
     va = _load_tile(v_ptr, cols, col_mask, stride_vt, 0, WA, HEAD_DIM)
     dk_a = tl.zeros([BLOCK_N, WA], dtype=tl.float32)
     dv_a = dk_a
     kb, vb, dk_b, dv_b = ka, va, dk_a, dv_a
     if WB > 0:
-        kb = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+        kb = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, table_ptr, WA, WB, HEAD_DIM, ROPE)
         vb = _load_tile(v_ptr, cols, col_mask, stride_vt, WA, WB, HEAD_DIM)
         dk_b = tl.zeros([BLOCK_N, WB], dtype=tl.float32)
         dv_b = dk_b
@@ -381,17 +402,17 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
         head = (q_ptr + h * stride_qh, do_ptr + h * stride_doh, lse_ptr + h * tokens_q, delta_ptr + h * tokens_q)
         dk_a, dk_b, dv_a, dv_b = _dkdv_tiles(
             dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, *head, pos_q, cols, lq, shift, stride_qt, stride_dot,
-            stride_pt, stride_pc, qk_scale, log2_theta, start, tl.minimum(full, lq), HEAD_DIM, WA, WB, ROPE, True, BLOCK_M,
+            stride_pt, stride_pc, qk_scale, table_ptr, start, tl.minimum(full, lq), HEAD_DIM, WA, WB, ROPE, True, BLOCK_M,
             PART)
         dk_a, dk_b, dv_a, dv_b = _dkdv_tiles(
             dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, *head, pos_q, cols, lq, shift, stride_qt, stride_dot,
-            stride_pt, stride_pc, qk_scale, log2_theta, full, lq, HEAD_DIM, WA, WB, ROPE, False, BLOCK_M, PART)
+            stride_pt, stride_pc, qk_scale, table_ptr, full, lq, HEAD_DIM, WA, WB, ROPE, False, BLOCK_M, PART)
     if PART != 1:
-        _store_qk_grad(dk_ptr, dk_a * scale, cols, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc, log2_theta,
+        _store_qk_grad(dk_ptr, dk_a * scale, cols, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc, table_ptr,
                        0, WA, HEAD_DIM, ROPE)
         if WB > 0:
             _store_qk_grad(dk_ptr, dk_b * scale, cols, col_mask, stride_dkt, pos_ptr, stride_pt, stride_pc,
-                           log2_theta, WA, WB, HEAD_DIM, ROPE)
+                           table_ptr, WA, WB, HEAD_DIM, ROPE)
     if PART != 2:
         _store_tile(dv_ptr, dv_a, cols, col_mask, stride_dvt, 0, WA, HEAD_DIM)
         if WB > 0:
@@ -400,19 +421,19 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
 
 @triton.jit
 def _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_ptr, rows, lk, causal_shift,
-              stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, start, end,
+              stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, table_ptr, start, end,
               HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
               ROPE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < lk
-        ka = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+        ka = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, table_ptr, 0, WA, HEAD_DIM, ROPE)
         v = _load_tile(v_ptr, cols, col_mask, stride_vt, 0, WA, HEAD_DIM)
         s = tl.dot(qa, tl.trans(ka))
         dp = tl.dot(do_a, tl.trans(v))
         kb = ka
         if WB > 0:
-            kb = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+            kb = _load_qk(k_ptr, cols, col_mask, stride_kt, pos_ptr, stride_pt, stride_pc, table_ptr, WA, WB, HEAD_DIM, ROPE)
             v = _load_tile(v_ptr, cols, col_mask, stride_vt, WA, WB, HEAD_DIM)
             s = tl.dot(qb, tl.trans(kb), s)
             dp = tl.dot(do_b, tl.trans(v), dp)
@@ -437,7 +458,7 @@ def _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_ptr,
 @triton.jit
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, pos_ptr,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                 stride_dqt, stride_dqh, stride_pt, stride_pc, tokens_q, heads, group, qk_scale, scale, log2_theta,
+                 stride_dqt, stride_dqh, stride_pt, stride_pc, tokens_q, heads, group, qk_scale, scale, table_ptr,
                  HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
                  ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One block of BLOCK_M queries of one head; loops over the key blocks it sees."""
@@ -460,39 +481,40 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_p
     v_ptr += k_start * stride_vt + (h // group) * stride_vh
     pos_k = pos_ptr + k_start * stride_pt
     pos_ptr += q_start * stride_pt
-    qa = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, 0, WA, HEAD_DIM, ROPE)
+    qa = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, table_ptr, 0, WA, HEAD_DIM, ROPE)
     do_a = _load_tile(do_ptr, rows, row_mask, stride_dot, 0, WA, HEAD_DIM)
     dq_a = tl.zeros([BLOCK_M, WA], dtype=tl.float32)
     qb, do_b, dq_b = qa, do_a, dq_a
     if WB > 0:
-        qb = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, log2_theta, WA, WB, HEAD_DIM, ROPE)
+        qb = _load_qk(q_ptr, rows, row_mask, stride_qt, pos_ptr, stride_pt, stride_pc, table_ptr, WA, WB, HEAD_DIM, ROPE)
         do_b = _load_tile(do_ptr, rows, row_mask, stride_dot, WA, WB, HEAD_DIM)
         dq_b = tl.zeros([BLOCK_M, WB], dtype=tl.float32)
-    lse = tl.load(lse_ptr + h * tokens_q + q_start + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+    lse = tl.load(lse_ptr + h * tokens_q + q_start + rows, mask=row_mask, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + h * tokens_q + q_start + rows, mask=row_mask, other=0.0)
     full, end = _key_ranges(m0, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)
     dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_k, rows, lk, lk - lq,
-                           stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, 0, full,
+                           stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, table_ptr, 0, full,
                            HEAD_DIM, WA, WB, CAUSAL, ROPE, False, BLOCK_N)
     dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, pos_k, rows, lk, lk - lq,
-                           stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, log2_theta, full, end,
+                           stride_kt, stride_vt, stride_pt, stride_pc, qk_scale, table_ptr, full, end,
                            HEAD_DIM, WA, WB, CAUSAL, ROPE, True, BLOCK_N)
-    _store_qk_grad(dq_ptr, dq_a * scale, rows, row_mask, stride_dqt, pos_ptr, stride_pt, stride_pc, log2_theta,
+    _store_qk_grad(dq_ptr, dq_a * scale, rows, row_mask, stride_dqt, pos_ptr, stride_pt, stride_pc, table_ptr,
                    0, WA, HEAD_DIM, ROPE)
     if WB > 0:
-        _store_qk_grad(dq_ptr, dq_b * scale, rows, row_mask, stride_dqt, pos_ptr, stride_pt, stride_pc, log2_theta,
+        _store_qk_grad(dq_ptr, dq_b * scale, rows, row_mask, stride_dqt, pos_ptr, stride_pt, stride_pc, table_ptr,
                        WA, WB, HEAD_DIM, ROPE)
 
 
 # ------------------------------------------------------------------ host side
 def _common(q, cu_q, rope_pos, theta):
-    """Launch arguments shared by the kernels: constexprs, rope pointer/strides, log2(theta)."""
+    """Launch arguments shared by the kernels: constexprs, rope pointer/strides, frequency table."""
     dim = q.shape[2]
     wa, wb = _tiles(dim)
     consts = {"HEAD_DIM": dim, "WA": wa, "WB": wb, "ROPE": rope_pos is not None}
     # without rope the position pointer is never read; any int32 tensor stands in
     pos, pos_strides = (rope_pos, rope_pos.stride()) if rope_pos is not None else (cu_q, (0, 0))
-    return consts, pos, pos_strides, math.log2(theta)
+    table = rope_table(dim, theta, q.device) if rope_pos is not None else cu_q
+    return consts, pos, pos_strides, table
 
 
 def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta):
@@ -503,12 +525,12 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta):
     batch = cu_q.numel() - 1
     if tq == 0 or batch == 0 or max_q == 0:
         return out, lse
-    consts, pos, pos_strides, log2_theta = _common(q, cu_q, rope_pos, theta)
+    consts, pos, pos_strides, table = _common(q, cu_q, rope_pos, theta)
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _attn_fwd[grid](
         q, k, v, out, lse, cu_q, cu_k, pos, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
-        *pos_strides, tq, heads, heads // k.shape[1], scale * LOG2E, log2_theta, CAUSAL=causal, **consts,
+        *pos_strides, tq, heads, heads // k.shape[1], scale * LOG2E.value, table, CAUSAL=causal, **consts,
     )
     return out, lse
 
@@ -523,7 +545,7 @@ def backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scal
     batch = cu_q.numel() - 1
     if batch == 0 or (max_q == 0 and max_k == 0):
         return dq, dk, dv
-    consts, pos, pos_strides, log2_theta = _common(q, cu_q, rope_pos, theta)
+    consts, pos, pos_strides, table = _common(q, cu_q, rope_pos, theta)
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     delta = torch.empty(heads, tq, dtype=torch.float32, device=q.device)
     if tq:
@@ -538,13 +560,13 @@ def backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scal
             _attn_bwd_dkdv[grid](
                 q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k, pos, *q.stride()[:2], *k.stride()[:2],
                 *v.stride()[:2], *grad_out.stride()[:2], *dk.stride()[:2], *dv.stride()[:2], *common, kv_heads,
-                heads // kv_heads, scale * LOG2E, scale, log2_theta, CAUSAL=causal, PART=part, **consts,
+                heads // kv_heads, scale * LOG2E.value, scale, table, CAUSAL=causal, PART=part, **consts,
             )
     if max_q:
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
         _attn_bwd_dq[grid](
             q, k, v, grad_out, lse, delta, dq, cu_q, cu_k, pos, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-            *grad_out.stride()[:2], *dq.stride()[:2], *common, heads, heads // kv_heads, scale * LOG2E, scale,
-            log2_theta, CAUSAL=causal, **consts,
+            *grad_out.stride()[:2], *dq.stride()[:2], *common, heads, heads // kv_heads, scale * LOG2E.value, scale,
+            table, CAUSAL=causal, **consts,
         )
     return dq, dk, dv

@@ -31,7 +31,14 @@ def test_triton_backend_runs_the_kernel(triton_backend):
     assert kernel_module("apply_rope_2d", torch.zeros(1, 1, 4)) is _kernel()
 
 
-@pytest.mark.parametrize("head_dim", [4, 16, 20, 64, 72, 80, 96, 128])
+def test_head_dim_parts():
+    """The half head dim splits into two power-of-two parts with no idle lanes at the model head dims."""
+    for head_dim in (64, 72, 80, 96, 128):
+        blocks = _kernel()._blocks(head_dim)
+        assert blocks["WA"] + blocks["WB"] == head_dim // 2, (head_dim, blocks)
+
+
+@pytest.mark.parametrize("head_dim", [4, 16, 20, 28, 64, 72, 80, 96, 128])
 def test_forward(triton_backend, kernel_dtype, device, head_dim):
     gen = generator(head_dim)
     pos = _positions(ODD_PACK, device)
@@ -48,6 +55,19 @@ def test_forward_random_positions(triton_backend, device, tokens, theta):
     pos = _random_positions(tokens, gen, device)
     x = randn(tokens, 5, 80, device=device, gen=gen)
     assert_close(fastvl.apply_rope_2d(x, pos, theta), reference.apply_rope_2d(x.double(), pos, theta), torch.float32)
+
+
+@pytest.mark.parametrize("theta", [1e-3, 0.5, 10000.0, 1e30, 1e300])
+def test_huge_positions_and_thetas(triton_backend, device, theta):
+    """Every int32 position and any finite positive theta rotate (norms kept) as the float64 reference does."""
+    gen = generator(13)
+    edges = torch.tensor([2**31 - 1, -2**31, 2**28, 2**28 + 1, -(2**30) - 7, 0, 1, 2**24 + 1])
+    pos = torch.cat([torch.stack([edges, edges.flip(0)], 1),
+                     torch.randint(-2**31, 2**31, (9, 2), generator=gen)]).to(torch.int32).to(device)
+    x = randn(pos.shape[0], 3, 80, device=device, gen=gen)
+    out = fastvl.apply_rope_2d(x, pos, theta)
+    assert_close(out.norm(dim=-1), x.norm(dim=-1), torch.float32, name="norms")
+    assert_close(out, reference.apply_rope_2d(x.double(), pos, theta), torch.float32)
 
 
 @pytest.mark.parametrize("head_dim", [16, 72, 80])

@@ -35,6 +35,16 @@ def test_out_of_place_and_gradients(triton_backend, kernel_dtype, device, index_
     assert torch.equal(stacked.grad, grad.reshape(-1, C)[index.long()])
 
 
+def test_out_of_place_no_grad(triton_backend, kernel_dtype, device):
+    """Inference: hidden untouched, the result a new contiguous tensor."""
+    hidden, index, stacked = _case(kernel_dtype, device, seed=13)
+    before = hidden.clone()
+    with torch.no_grad():
+        out = fastvl.deepstack_add(hidden, index, stacked)
+    assert torch.equal(hidden, before) and out.is_contiguous() and out.data_ptr() != hidden.data_ptr()
+    assert_close(out, _reference(hidden, index, stacked), kernel_dtype)
+
+
 def test_in_place_no_grad(triton_backend, kernel_dtype, device):
     hidden, index, stacked = _case(kernel_dtype, device, seed=1)
     expected = _reference(hidden, index, stacked)
@@ -45,15 +55,33 @@ def test_in_place_no_grad(triton_backend, kernel_dtype, device):
     assert_close(hidden, expected, kernel_dtype)
 
 
-def test_in_place_strided_hidden(triton_backend, device):
-    """A [B, L, C] transpose (no single row stride) and a channel slice of a wider buffer."""
-    _, index, stacked = _case(torch.float32, device, seed=2)
-    transposed = randn(L, B, C, device=device, gen=generator(3)).transpose(0, 1)
-    sliced = randn(B, L, C + 20, device=device, gen=generator(4))[..., :C]
-    for hidden in (transposed, sliced):
-        expected = _reference(hidden, index, stacked)
-        fastvl.deepstack_add_(hidden, index, stacked)
-        assert_close(hidden, expected, torch.float32)
+def _strided(layout, device):
+    """[B, L, C]-like hidden whose rows are not one stride apart: a transpose (two row strides), a channel
+    slice of a wider buffer, and a 4-D permutation whose rows need three strides."""
+    if layout == "transposed":
+        return randn(L, B, C, device=device, gen=generator(3)).transpose(0, 1)
+    if layout == "sliced":
+        return randn(B, L, C + 20, device=device, gen=generator(4))[..., :C]
+    return randn(L, 3, 2, C, device=device, gen=generator(5)).permute(2, 1, 0, 3)[:, :, :L - 1]
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "permuted"])
+def test_strided_hidden(triton_backend, device, layout):
+    """Out of place and in place on strided hidden: same values as the reference, no write elsewhere."""
+    hidden = _strided(layout, device)
+    rows = hidden.numel() // C
+    gen = generator(6)
+    index = torch.randperm(rows, generator=gen)[:rows // 3].to(device)
+    stacked = randn(index.numel(), C, device=device, gen=gen)
+    expected = _reference(hidden, index, stacked)
+    assert_close(fastvl.deepstack_add(hidden, index, stacked), expected, torch.float32)
+    base = hidden._base.clone()
+    fastvl.deepstack_add_(hidden, index, stacked)
+    assert_close(hidden, expected, torch.float32)
+    untouched = torch.ones_like(base, dtype=torch.bool)
+    untouched.view(-1)[torch.as_strided(torch.arange(base.numel(), device=device), hidden.shape, hidden.stride(),
+                                        hidden.storage_offset()).reshape(-1)] = False
+    assert torch.equal(hidden._base[untouched], base[untouched])
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -147,3 +175,72 @@ def test_compile_in_place(device):
     with torch.no_grad():
         inject(hidden, index, stacked)
     assert_close(hidden, expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_in_place_overlapping_rows(backend, device):
+    """An expanded hidden (rows sharing memory) cannot be updated in place: a clear error, on every backend;
+    out of place it is an ordinary input."""
+    row = randn(1, 1, C, device=device, gen=generator(14))
+    hidden = row.expand(B, L, C)
+    index = torch.tensor([0, 5, 7], device=device)
+    stacked = randn(3, C, device=device, gen=generator(15))
+    with fastvl.use_backend(backend):
+        with pytest.raises(ValueError, match="^hidden: its elements may share memory"):
+            fastvl.deepstack_add_(hidden, index, stacked)
+        out = fastvl.deepstack_add(hidden, index, stacked)
+    assert_close(out, _reference(hidden.contiguous(), index, stacked), torch.float32)
+
+
+@pytest.mark.parametrize("op", [fastvl.deepstack_add, fastvl.deepstack_add_], ids=["out_of_place", "in_place"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_zero_channels(op, backend, device):
+    hidden = torch.zeros(4, 0, device=device)
+    with fastvl.use_backend(backend), pytest.raises(ValueError, match="^hidden must be at least 2-D with at least one"):
+        op(hidden, torch.tensor([1], device=device), torch.zeros(1, 0, device=device))
+
+
+@pytest.mark.parametrize("op", [fastvl.deepstack_add, fastvl.deepstack_add_], ids=["out_of_place", "in_place"])
+def test_unchecked_index(triton_backend, device, op):
+    """check_index=False reads no index values on the host; a valid index gives the same sum, and an
+    invalid one never makes the kernels touch memory outside hidden (rows out of range are skipped)."""
+    hidden, index, stacked = _case(torch.float32, device, seed=16)
+    expected = _reference(hidden, index, stacked)
+
+    def host_read(*args):
+        raise AssertionError("index read on the host")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for method in ("tolist", "item", "__bool__", "__int__"):
+            patch.setattr(torch.Tensor, method, host_read)
+        out = op(hidden.clone(), index, stacked, check_index=False)
+    assert_close(out, expected, torch.float32)
+
+    buffer = randn(B * L + 8, C, device=device, gen=generator(17))
+    hidden = buffer[4:-4]
+    before = buffer.clone()
+    bad = torch.tensor([-3, 0, B * L, B * L + 3, 9], device=device)
+    out = op(hidden, bad, stacked[:5], check_index=False)
+    assert torch.equal(buffer[:4], before[:4]) and torch.equal(buffer[-4:], before[-4:])
+    keep = [1, 4]  # the entries in range
+    assert_close(out, _reference(before[4:-4], bad[keep], stacked[keep]), torch.float32)
+    with pytest.raises(TypeError, match="^check_index must be a bool"):
+        op(hidden, index, stacked, check_index=1)
+
+
+@pytest.mark.gpu
+def test_bf16_llm_shape(triton_backend):
+    """An LLM of width 1536, 4 x 2048 tokens, 3980 image rows, bf16: out of place with gradients, and in place."""
+    gen = generator(18)
+    hidden = randn(4, 2048, 1536, dtype=torch.bfloat16, device="cuda", gen=gen, requires_grad=True)
+    index = torch.randperm(4 * 2048, generator=gen)[:3980].cuda()
+    stacked = randn(3980, 1536, dtype=torch.bfloat16, device="cuda", gen=gen, requires_grad=True)
+    out = fastvl.deepstack_add(hidden, index, stacked, check_index=False)
+    assert_close(out, _reference(hidden.detach(), index, stacked.detach()), torch.bfloat16)
+    grad = randn(*out.shape, dtype=torch.bfloat16, device="cuda", gen=gen)
+    out.backward(grad)
+    assert torch.equal(hidden.grad, grad) and torch.equal(stacked.grad, grad.view(-1, 1536)[index])
+    with torch.no_grad():
+        target = hidden.detach().clone()
+        fastvl.deepstack_add_(target, index, stacked.detach())
+    assert torch.equal(target, out.detach())

@@ -5,7 +5,7 @@ import torch
 import fastvl
 from fastvl.testing import assert_close, generator, randn, sap_window_loop, tolerance
 
-C, HID = 72, 100  # neither a power of two; C spans two channel tiles, HID a partial GEMM tile
+C, HID = 72, 100  # neither a power of two nor a multiple of the K tile; HID a partial GEMM tile
 
 CASES = {  # name: (grids (h, w) per image, window)
     "siglip27": ([(27, 27)], 3),
@@ -57,7 +57,9 @@ def _check_against_reference(grids, r, dtype, device, **shape):
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_reference(triton_backend, kernel_dtype, device, case):
     grids, r = CASES[case]
-    _check_against_reference(grids, r, kernel_dtype, device, stride_pad=8 if case == "pack-w3" else 0)
+    # a strided x; C = 64, a multiple of the K tile (the GEMM loop without a masked tail)
+    shape = {"pack-w3": dict(stride_pad=8), "pack-w2": dict(channels=64)}.get(case, {})
+    _check_against_reference(grids, r, kernel_dtype, device, **shape)
 
 
 @pytest.mark.gpu
@@ -94,13 +96,20 @@ def test_kernel_matches_window_loop(triton_backend, device):
     assert_close(ref, exact, torch.float64)
 
 
-def test_window_larger_than_image(triton_backend, device):
-    """Window 4 over grids smaller than it: one window per image holding all of its tokens."""
+@pytest.mark.parametrize("window", [4, 1500])
+def test_window_larger_than_image(triton_backend, device, window):
+    """Windows larger than the grids (beyond 1024 too): one window per image holding all of its tokens."""
     grids = [(3, 2), (1, 3), (2, 2)]
     x, grid_hw, params = _inputs(grids, torch.float32, device, seed=3)
-    out = fastvl.spatial_attention_pool(x, grid_hw, *params, window=4)
-    exact = sap_window_loop(x.double(), grids, *(p.double() for p in params), 4)
+    out = fastvl.spatial_attention_pool(x, grid_hw, *params, window=window)
+    exact = sap_window_loop(x.double(), grids, *(p.double() for p in params), window)
     assert_close(out, exact, tol=tolerance(torch.float32, device))
+    _check_against_reference(grids, window, torch.float32, device)
+
+
+def test_large_partial_windows(triton_backend, device):
+    """Window 6 (36 tokens a window, partial at the right and bottom edges) on a pack with a strided x."""
+    _check_against_reference([(13, 8), (6, 6), (2, 15)], 6, torch.float32, device, stride_pad=4)
 
 
 def _saved(fn):

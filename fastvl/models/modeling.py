@@ -216,7 +216,8 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
                                                                                     else pixels),
                                                   vit_tokens.split(vit_per_image))
         if groups:
-            self.deepstack.arm(torch.cat(index), torch.cat(groups, 1))
+            # the rows of this batch's own image tokens: valid by construction, no host sync per layer
+            self.deepstack.arm(torch.cat(index), torch.cat(groups, 1), check_index=False)
         return embeds, samples
 
     def _images_per_sample(self, per_sample, llm_per_image, vit_per_image):

@@ -97,13 +97,14 @@ class DeepStack:
             layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)
         ]
 
-    def arm(self, index, stacked):
+    def arm(self, index, stacked, check_index=True):
+        """``check_index=False`` for an index valid by construction (no host sync in each injecting layer)."""
         if self.start + stacked.shape[0] > self.num_layers:
             raise ValueError(
                 f"{stacked.shape[0]} stacked groups from layer {self.start} need {self.start + stacked.shape[0]} "
                 f"decoder layers, the model has {self.num_layers}"
             )
-        self._state = (index, stacked)
+        self._state = (index, stacked, check_index)
 
     def disarm(self):
         self._state = None
@@ -116,11 +117,12 @@ class DeepStack:
         def hook(module, args, kwargs):
             if self._state is None:
                 return None
-            index, stacked = self._state
+            index, stacked, check = self._state
             group = layer_idx - self.start
             if not 0 <= group < stacked.shape[0]:
                 return None
-            return replace_hidden(args, kwargs, lambda h: ops.deepstack_add(h, index, stacked[group].to(h.dtype)))
+            return replace_hidden(
+                args, kwargs, lambda h: ops.deepstack_add(h, index, stacked[group].to(h.dtype), check_index=check))
 
         return hook
 

@@ -19,6 +19,8 @@ def patch_merge(x, ln_w, ln_b, w1, b1, w2, b2, merge_size=2, eps=1e-6, *, norm="
     """
     check.tensor("x", x, ndim=2)
     tokens, channels = x.shape
+    if not channels:
+        raise ValueError(f"x must have at least one channel, got shape {list(x.shape)}")
     m = check.positive_int("merge_size", merge_size)
     if tokens % (m * m):
         raise ValueError(f"x: {tokens} tokens are not divisible by merge_size**2 = {m * m}")
@@ -50,22 +52,25 @@ def _reference(x, ln_w, ln_b, w1, b1, w2, b2, m, eps, norm):
 
 
 def _saves(x, save):
-    """Whether the forward keeps the kernel's activations: (mean, rstd) [2, T] fp32, fc1's pre-GELU output z
-    and GELU(z) [T / m^2, Hid]."""
+    """Whether the forward keeps the kernel's activations: fc1's pre-GELU output z and GELU(z) [T / m^2, Hid]."""
     return save and kernel_module("patch_merge", x) is not None
+
+
+def _unsaved(x):
+    return x.new_empty(0), x.new_empty(0)
 
 
 @torch.library.custom_op("fastvl::patch_merge", mutates_args=())
 def _forward(
     x: Tensor, ln_w: Tensor, ln_b: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     merge_size: int, eps: float, norm: str, save: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, stats, pre, act); the last three are empty unless _saves() (the reference backward recomputes)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, pre, act); the last two are empty 1-D tensors unless _saves() (the reference backward recomputes)."""
     kernel = kernel_module("patch_merge", x)
     if kernel is not None:
-        return kernel.forward(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm, save)
-    out = _reference(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm)
-    return out, x.new_empty(0, dtype=torch.float32), x.new_empty(0), x.new_empty(0)
+        out, pre, act = kernel.forward(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm, save)
+        return (out, pre, act) if save else (out, *_unsaved(x))
+    return _reference(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm), *_unsaved(x)
 
 
 @_forward.register_fake
@@ -73,28 +78,27 @@ def _(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm, save):
     rows, hidden = x.shape[0] // (merge_size * merge_size), w1.shape[0]
     out = x.new_empty(rows, w2.shape[0])
     if _saves(x, save):
-        stats = x.new_empty(2, x.shape[0], dtype=torch.float32)
-        return out, stats, x.new_empty(rows, hidden), x.new_empty(rows, hidden)
-    return out, x.new_empty(0, dtype=torch.float32), x.new_empty(0), x.new_empty(0)
+        return out, x.new_empty(rows, hidden), x.new_empty(rows, hidden)
+    return out, *_unsaved(x)
 
 
 @torch.library.custom_op("fastvl::patch_merge_backward", mutates_args=())
 def _backward(
     grad: Tensor, x: Tensor, ln_w: Tensor, ln_b: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-    stats: Tensor, pre: Tensor, act: Tensor, merge_size: int, eps: float, norm: str,
+    pre: Tensor, act: Tensor, merge_size: int, eps: float, norm: str,
 ) -> list[Tensor]:
     """Gradients of the seven inputs; an empty tensor stands for ln_b's when it is None."""
-    # the kernel backward needs the forward kernel's activations (absent when the reference ran it, or T = 0)
-    kernel = kernel_module("patch_merge", x) if stats.numel() else None
+    # the kernel backward needs the forward kernel's activations ([rows, Hid]; absent when the reference ran it)
+    kernel = kernel_module("patch_merge", x) if pre.dim() == 2 else None
     if kernel is not None:
-        grads = kernel.backward(grad, x, ln_w, ln_b, w1, b1, w2, b2, stats, pre, act, merge_size, eps, norm)
+        grads = kernel.backward(grad, x, ln_w, ln_b, w1, b1, w2, b2, pre, act, merge_size, eps, norm)
     else:
         grads = reference_vjp(_reference, [x, ln_w, ln_b, w1, b1, w2, b2], grad, merge_size, eps, norm)
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
 @_backward.register_fake
-def _(grad, x, ln_w, ln_b, w1, b1, w2, b2, stats, pre, act, merge_size, eps, norm):
+def _(grad, x, ln_w, ln_b, w1, b1, w2, b2, pre, act, merge_size, eps, norm):
     return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, ln_w, ln_b, w1, b1, w2, b2)]
 
 
@@ -106,9 +110,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, grad, *_):
-    *tensors, stats, pre, act = ctx.saved_tensors
-    # the kernel reads grad through its strides (an expanded gradient has stride 0): no copy
-    grads = _backward(grad, *tensors, stats, pre, act, *ctx.args)
+    *tensors, pre, act = ctx.saved_tensors
+    # the kernels read grad through its strides (an expanded gradient has stride 0): no copy
+    grads = _backward(grad, *tensors, pre, act, *ctx.args)
     grads = [None if t is None else g for t, g in zip(tensors, grads)]
     return (*grads, None, None, None, None)
 
