@@ -80,14 +80,13 @@ std::tuple<Tensor, Tensor, Tensor> varlen_attention_bwd(const Tensor& grad_out, 
                                                         double scale, const std::optional<Tensor>& rope_pos,
                                                         double theta);
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> patch_merge_fwd(const Tensor& x, const Tensor& ln_w,
-                                                           const std::optional<Tensor>& ln_b, const Tensor& w1,
-                                                           const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                                                           int64_t merge_size, double eps, bool rms, bool save);
+std::tuple<Tensor, Tensor, Tensor> patch_merge_fwd(const Tensor& x, const Tensor& ln_w,
+                                                   const std::optional<Tensor>& ln_b, const Tensor& w1,
+                                                   const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                                                   int64_t merge_size, double eps, bool rms, bool save);
 std::vector<Tensor> patch_merge_bwd(const Tensor& grad, const Tensor& x, const Tensor& ln_w,
                                     const std::optional<Tensor>& ln_b, const Tensor& w1, const Tensor& w2,
-                                    const Tensor& stats, const Tensor& pre, const Tensor& act, int64_t merge_size,
-                                    bool rms);
+                                    const Tensor& pre, const Tensor& act, int64_t merge_size, double eps, bool rms);
 
 std::tuple<Tensor, Tensor> sap_fwd(const Tensor& x, const Tensor& grid_hw, const Tensor& w1, const Tensor& b1,
                                    const Tensor& w2, const Tensor& b2, int64_t window, int64_t num_windows);

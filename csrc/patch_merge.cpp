@@ -1,6 +1,6 @@
 // patch_merge: one pass normalises x into the merged fp32 GEMM operand [T / mm, mm * C] (the merge
 // is a view of consecutive tokens), fc1 and fc2 run on ATen's BLAS with their biases in the GEMM
-// (addmm), GELU in place. The backward fuses GELU' into dz and recomputes the operand from the stats.
+// (addmm), GELU in place. The backward fuses GELU' into dz and recomputes the operand (and its stats).
 #include "native.h"
 
 #include <cmath>
@@ -64,10 +64,10 @@ void elementwise(Tensor& out, const Tensor& in, const F& fn) {  // fp32, contigu
 }
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> patch_merge_fwd(const Tensor& x, const Tensor& ln_w,
-                                                           const std::optional<Tensor>& ln_b, const Tensor& w1,
-                                                           const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                                                           int64_t merge_size, double eps, bool rms, bool save) {
+std::tuple<Tensor, Tensor, Tensor> patch_merge_fwd(const Tensor& x, const Tensor& ln_w,
+                                                   const std::optional<Tensor>& ln_b, const Tensor& w1,
+                                                   const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                                                   int64_t merge_size, double eps, bool rms, bool save) {
   const int64_t tokens = x.size(0), channels = x.size(1), rows = tokens / (merge_size * merge_size);
   Tensor stats = at::empty({2, tokens}, x.options().dtype(at::kFloat));
   Tensor y = normalised(x, ln_w, ln_b, eps, rms, stats, false).view({rows, -1});
@@ -76,18 +76,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> patch_merge_fwd(const Tensor& x, cons
   elementwise(act, z, gelu);
   Tensor out = at::addmm(f32(b2), act, f32(w2).t()).to(x.scalar_type());
   if (!save) {
-    return {out, stats.new_empty({0}), x.new_empty({0}), x.new_empty({0})};
+    return {out, x.new_empty({0}), x.new_empty({0})};
   }
-  return {out, stats, z.to(x.scalar_type()), act.to(x.scalar_type())};
+  return {out, z.to(x.scalar_type()), act.to(x.scalar_type())};
 }
 
 std::vector<Tensor> patch_merge_bwd(const Tensor& grad_, const Tensor& x, const Tensor& ln_w,
                                     const std::optional<Tensor>& ln_b, const Tensor& w1, const Tensor& w2,
-                                    const Tensor& stats_, const Tensor& pre, const Tensor& act, int64_t merge_size,
-                                    bool rms) {
+                                    const Tensor& pre, const Tensor& act, int64_t merge_size, double eps, bool rms) {
   const int64_t tokens = x.size(0), channels = x.size(1), rows = tokens / (merge_size * merge_size);
   const Tensor grad = f32(grad_), a = f32(act);
-  Tensor stats = stats_.contiguous();
+  Tensor stats = at::empty({2, tokens}, x.options().dtype(at::kFloat));
   Tensor dw2 = at::mm(grad.t(), a), db2 = grad.sum(0);
   Tensor dz = at::mm(grad, f32(w2));
   const Tensor z = f32(pre).contiguous();
@@ -95,7 +94,7 @@ std::vector<Tensor> patch_merge_bwd(const Tensor& grad_, const Tensor& x, const 
     at::vec::map2([](Vec g, Vec zz) { return g * gelu_grad(zz); }, dz.data_ptr<float>() + begin,
                   dz.data_ptr<float>() + begin, z.data_ptr<float>() + begin, end - begin);
   });
-  Tensor y = normalised(x, ln_w, ln_b, 0.0, rms, stats, true).view({rows, -1});
+  Tensor y = normalised(x, ln_w, ln_b, eps, rms, stats, false).view({rows, -1});
   Tensor dw1 = at::mm(dz.t(), y), db1 = dz.sum(0);
   Tensor dn = at::mm(dz, f32(w1)).view({tokens, channels});  // gradient of the normalised tokens
   // norm backward per token from xhat = (y - b) / w and the stats; dln_w, dln_b by per-thread partials

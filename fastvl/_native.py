@@ -32,9 +32,9 @@ def _merge_forward(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm, save=Fa
     return _C.patch_merge_fwd(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm == "rmsnorm", save)
 
 
-def _merge_backward(grad, x, ln_w, ln_b, w1, b1, w2, b2, stats, pre, act, merge_size, eps, norm):
+def _merge_backward(grad, x, ln_w, ln_b, w1, b1, w2, b2, pre, act, merge_size, eps, norm):
     dx, dln_w, dln_b, dw1, db1, dw2, db2 = _C.patch_merge_bwd(
-        grad, x, ln_w, ln_b, w1, w2, stats, pre, act, merge_size, norm == "rmsnorm")
+        grad, x, ln_w, ln_b, w1, w2, pre, act, merge_size, eps, norm == "rmsnorm")
     return dx, dln_w, None if ln_b is None else dln_b, dw1, db1, dw2, db2
 
 
