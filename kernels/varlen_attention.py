@@ -18,6 +18,8 @@
 - Head dims 72/80/96 are split into two power-of-two tiles (64 + 16/16/32) whose dots accumulate into one
   score tile (padding 80 to 128 would add 60% tensor work); 64 and 128 are one tile.
 """
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -81,7 +83,7 @@ def _prune(block_name):
 LAUNCHES = [(f"vit D={d}", 16, 16, d, False, True, 128) for d in HEAD_DIMS]
 LAUNCHES += [("llm D=128 gqa", 16, 2, 128, True, False, 128), ("vit D=80 windows", 16, 16, 80, False, True, 64)]
 ROPE_DIMS = (72, 80, 128)  # RoPE only changes how dq/dk are stored: one per head-dim tiling
-BWD_FLOOR = {90: 0.6, 80: 0.5}  # sm_80's mma.sync reads both operands through ldmatrix: more smem traffic
+BWD_FLOOR = {90: 0.6, 80: 0.45}  # sm_80's mma.sync reads both operands through ldmatrix: more smem traffic
 _TYPES = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "dqacc_ptr": "*fp32", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
           "work_ptr": "*i32", "pos_ptr": "*i32", "table_ptr": "*i64", "qk_scale": "fp32", "scale": "fp32"}
 
@@ -141,6 +143,14 @@ def _store_tile(ptr, x, tok, tok_mask, stride_t, START: tl.constexpr, WIDTH: tl.
     d = START + tl.arange(0, WIDTH)
     tl.store(ptr + tok[:, None] * stride_t + d[None, :], x.to(ptr.dtype.element_ty),
              mask=tok_mask[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _atomic_add_tile(ptr, x, tok, tok_mask, stride_t, START: tl.constexpr, WIDTH: tl.constexpr,
+                     HEAD_DIM: tl.constexpr):
+    d = START + tl.arange(0, WIDTH)
+    tl.atomic_add(ptr + tok[:, None] * stride_t + d[None, :], x, mask=tok_mask[:, None] & (d < HEAD_DIM)[None, :],
+                  sem="relaxed")
 
 
 @triton.jit
@@ -384,13 +394,15 @@ def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, stride_ot, stride_oh, stride_dot, 
 
 
 @triton.jit
-def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, delta_ptr, dqacc_ptr, keys, lq,
-                causal_shift, stride_qt, stride_dot, stride_dqt, qk_scale, scale, start, end,
-                HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, MASK: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_a, dq_b, keys, lq,
+                causal_shift, stride_qt, stride_dot, stride_dq, qk_scale, scale, start, end, HEAD_DIM: tl.constexpr,
+                WA: tl.constexpr, WB: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr,
+                BLOCK_M: tl.constexpr):
     """Accumulate dk/dv of one k block over q blocks [start, end) of one query head, keys as the M
-    dimension. Padding rows past lq load q = dO = 0, lse = delta = 0: they add nothing."""
-    for m0 in range(start, end, BLOCK_M):
+    dimension. Padding rows past lq load q = dO = 0, lse = delta = 0: they add nothing. ATOMIC_DQ: also
+    add dS K * scale into the fp32 dq (tensor descriptors ``dq_a``/``dq_b`` with TMA, else a pointer)."""
+    # at head dim 128 the accumulators fill the registers: no loads in flight across iterations there
+    for m0 in tl.range(start, end, BLOCK_M, num_stages=1 if HEAD_DIM == 128 else None):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < lq
         qa = _load_tile(q_ptr, rows, row_mask, stride_qt, 0, WA, HEAD_DIM)
@@ -417,19 +429,20 @@ def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, 
             dk_b = tl.dot(ds_t, qb, dk_b)
         if ATOMIC_DQ:
             ds = tl.trans(ds_t)
-            mask = row_mask[:, None]
-            d = tl.arange(0, WA)
-            tl.atomic_add(dqacc_ptr + rows[:, None] * stride_dqt + d[None, :], tl.dot(ds, ka) * scale,
-                          mask=mask & (d < HEAD_DIM)[None, :], sem="relaxed")
-            if WB > 0:
-                d = WA + tl.arange(0, WB)
-                tl.atomic_add(dqacc_ptr + rows[:, None] * stride_dqt + d[None, :], tl.dot(ds, kb) * scale,
-                              mask=mask & (d < HEAD_DIM)[None, :], sem="relaxed")
+            if TMA:  # reductions clipped to the segment and head dim: no per-element addresses
+                dq_a.atomic_add([m0, 0], tl.dot(ds, ka) * scale)
+                if WB > 0:
+                    dq_b.atomic_add([m0, WA], tl.dot(ds, kb) * scale)
+            else:  # the interpreter, which has no tensor-descriptor reductions
+                _atomic_add_tile(dq_a, tl.dot(ds, ka) * scale, rows, row_mask, stride_dq, 0, WA, HEAD_DIM)
+                if WB > 0:
+                    _atomic_add_tile(dq_a, tl.dot(ds, kb) * scale, rows, row_mask, stride_dq, WA, WB, HEAD_DIM)
     return dk_a, dk_b, dv_a, dv_b
 
 
 @gated(lambda fn: _specs(fn, "BLOCK_N", BWD_FLOOR, BWD_FLOOR, rope=True, block_of=dkdv_block, ATOMIC_DQ=False)
-       + _specs(fn, "BLOCK_N", {90: 0.45, 80: 0.4}, {90: 0.45, 80: 0.4}, launches=LAUNCHES[2:3], ATOMIC_DQ=True),
+       + [replace(s, archs=(90,)) for s in _specs(fn, "BLOCK_N", 0.45, 0.45, launches=LAUNCHES[2:3],
+                                                  ATOMIC_DQ=True)],
        tensor_cores="wgmma")
 @triton.autotune(
     # BLOCK_N keys (the host's block, 16 per warp) against BLOCK_M-row q blocks
@@ -488,11 +501,16 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     start = tl.maximum(n0 - shift, 0) // BM * BM if CAUSAL else 0
     for g in range(group):
         h = hk * group + g
+        dq_a = dqacc_ptr + _head(h, HEAD_DIM)
+        dq_b = dq_a
+        if ATOMIC_DQ and ARCH == 90:
+            dq_a = tl.make_tensor_descriptor(dq_b, [lq, HEAD_DIM], [heads * HEAD_DIM, 1], [BM, WA])
+            if WB > 0:
+                dq_b = tl.make_tensor_descriptor(dq_b, [lq, HEAD_DIM], [heads * HEAD_DIM, 1], [BM, WB])
         dk_a, dk_b, dv_a, dv_b = _dkdv_tiles(
             dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr + _head(h, stride_qh), do_ptr + _head(h, stride_doh),
-            lse_ptr + h * tokens_q, delta_ptr + h * tokens_q, dqacc_ptr + _head(h, HEAD_DIM), keys, lq, shift,
-            stride_qt, stride_dot, heads * HEAD_DIM, qk_scale, scale, start, lq, HEAD_DIM, WA, WB, CAUSAL, ATOMIC_DQ,
-            BM)
+            lse_ptr + h * tokens_q, delta_ptr + h * tokens_q, dq_a, dq_b, keys, lq, shift, stride_qt, stride_dot,
+            heads * HEAD_DIM, qk_scale, scale, start, lq, HEAD_DIM, WA, WB, CAUSAL, ATOMIC_DQ, ARCH == 90, BM)
     # dv first: its registers are free before dk goes through RoPE
     _store_tile(dv_ptr, dv_a, keys, key_mask, stride_dvt, 0, WA, HEAD_DIM)
     if WB > 0:
@@ -615,6 +633,14 @@ def _attn_dq_store(dqacc_ptr, dq_ptr, pos_ptr, table_ptr, tokens, heads, stride_
 
 
 # ------------------------------------------------------------------ host side
+def _tma_scratch():
+    """Tensor descriptors made on the device need a global scratch allocator: torch's, unless one is set."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _aligned(t):
     """``t``, or a contiguous copy where its head stride or start is not 16-byte aligned (see _head)."""
     return t if t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0 else t.contiguous()
@@ -688,7 +714,12 @@ def backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scal
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     block = block_size(max(max_q, max_k))
     bucket = _len_bucket(max(max_q, max_k))
-    atomic = not deterministic and max_k > 0
+    # sm_80's mma.sync keeps both operands of the atomic path's extra dot in registers: it spills there
+    # the atomic dq adds through TMA: sm_90 (and the interpreter) only
+    sm80 = q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9
+    atomic = not deterministic and max_k > 0 and not sm80
+    if atomic and q.device.type == "cuda":
+        _tma_scratch()
     # fp32 dq summed with atomics over the k blocks (contiguous); a stand-in when unused
     dqacc = torch.zeros(tq if atomic else 0, heads, dim, dtype=torch.float32, device=q.device)
     pos_strides = rope_pos.stride() if rope_pos is not None else (0, 0)

@@ -136,6 +136,20 @@ def test_bf16(triton_backend, device, dim):
     _check(device, torch.bfloat16, [7, 1, 31, 300, 18], dim=dim, seed=dim, **CASES[dim])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [72, 80, 128])
+def test_bf16_nondeterministic(triton_backend, device, dim):
+    """The TMA-reduced atomic dq of sm_90 (the interpreter adds through pointers)."""
+    _check(device, torch.bfloat16, [7, 300, 18, 129], dim=dim, heads=4, kv_heads=2, causal=dim == 128, rope=dim < 128,
+           seed=dim, deterministic=False)
+
+
+def test_deterministic_must_be_bool():
+    q = torch.zeros(4, 1, 64)
+    with pytest.raises(TypeError, match="deterministic"):
+        fastvl.varlen_attention(q, q, q, cu_seqlens([4]), deterministic=1)
+
+
 def test_public_op_runs_the_kernel(triton_backend, device, monkeypatch):
     """The public function reaches the kernel module (a missing kernel would silently run the reference)."""
     from fastvl.kernels import varlen_attention as kernel
