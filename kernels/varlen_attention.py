@@ -33,6 +33,7 @@ HEAD_DIMS = (64, 72, 80, 96, 128)
 DELTA_BLOCK = 64  # tokens per program of the delta pass
 ROPE_TILE = 1024  # elements of one [tokens, pairs] tile of the RoPE pass: 8 per thread with 4 warps
 WORK_CHUNK = 1024  # segments per step of the work-list scan
+HAS_TMA = hasattr(tl, "make_tensor_descriptor")  # tensor descriptors (TMA on sm_90)
 
 
 def _tiles(head_dim):
@@ -143,6 +144,29 @@ def _store_tile(ptr, x, tok, tok_mask, stride_t, START: tl.constexpr, WIDTH: tl.
     d = START + tl.arange(0, WIDTH)
     tl.store(ptr + tok[:, None] * stride_t + d[None, :], x.to(ptr.dtype.element_ty),
              mask=tok_mask[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _segment_source(ptr, length, stride_t, START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """What _segment_tile reads tiles of a segment's rows (head dims START + [0, WIDTH)) from: with TMA a
+    tensor descriptor of the segment ([length, HEAD_DIM]: rows past it and columns past the head dim read
+    zero), else the pointer."""
+    if TMA:
+        return tl.make_tensor_descriptor(ptr, [length, HEAD_DIM], [stride_t, 1], [BLOCK, WIDTH])
+    else:
+        return ptr
+
+
+@triton.jit
+def _segment_tile(src, n0, length, stride_t, START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """Rows [n0, n0 + BLOCK) of a tile from _segment_source: one TMA load, or masked pointer loads."""
+    if TMA:
+        return src.load([n0, START])
+    else:
+        rows = n0 + tl.arange(0, BLOCK)
+        return _load_tile(src, rows, rows < length, stride_t, START, WIDTH, HEAD_DIM)
 
 
 @triton.jit
@@ -274,19 +298,18 @@ def _key_ranges(m0, lq, lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N
 
 # ------------------------------------------------------------------ forward
 @triton.jit
-def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, rows, lk, causal_shift, stride_kt, stride_vt,
-               qk_scale, start, end, HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr,
-               CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, ka_src, kb_src, va_src, vb_src, rows, lk, causal_shift, stride_kt,
+               stride_vt, qk_scale, start, end, HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr,
+               CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < lk
-        k = _load_tile(k_ptr, cols, col_mask, stride_kt, 0, WA, HEAD_DIM)
+        k = _segment_tile(ka_src, n0, lk, stride_kt, 0, WA, HEAD_DIM, BLOCK_N, TMA)
         s = tl.dot(qa, tl.trans(k))
         if WB > 0:
-            k = _load_tile(k_ptr, cols, col_mask, stride_kt, WA, WB, HEAD_DIM)
+            k = _segment_tile(kb_src, n0, lk, stride_kt, WA, WB, HEAD_DIM, BLOCK_N, TMA)
             s = tl.dot(qb, tl.trans(k), s)
         if MASK:
-            visible = col_mask[None, :]
+            visible = (cols < lk)[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + causal_shift)
             s = tl.where(visible, s, float("-inf"))
@@ -297,11 +320,11 @@ def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, rows, lk, causal_sh
         p = tl.math.exp2(s * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptr, cols, col_mask, stride_vt, 0, WA, HEAD_DIM)
+        v = _segment_tile(va_src, n0, lk, stride_vt, 0, WA, HEAD_DIM, BLOCK_N, TMA)
         p = p.to(v.dtype)
         acc_a = tl.dot(p, v, acc_a * alpha[:, None])
         if WB > 0:
-            v = _load_tile(v_ptr, cols, col_mask, stride_vt, WA, WB, HEAD_DIM)
+            v = _segment_tile(vb_src, n0, lk, stride_vt, WA, WB, HEAD_DIM, BLOCK_N, TMA)
             acc_b = tl.dot(p, v, acc_b * alpha[:, None])
         m_i = m_new
     return acc_a, acc_b, m_i, l_i
@@ -310,10 +333,10 @@ def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, rows, lk, causal_sh
 @gated(lambda fn: _specs(fn, "BLOCK_M", {90: 0.75, 80: 0.6}, {90: 0.7, 80: 0.6}), tensor_cores="wgmma")
 @triton.autotune(
     # (ARCH, BLOCK_M, BLOCK_N, stages); BLOCK_M is the host's block, 16 rows per warp
-    _configs([({"BLOCK_M": bm, "BLOCK_N": bn, "ARCH": arch}, bm // 16, st)
+    _configs([({"BLOCK_M": bm, "BLOCK_N": bn, "ARCH": arch, "TMA": arch == 90 and HAS_TMA}, bm // 16, st)
               for arch, bm, bn, st in ((90, 128, 128, 2), (90, 128, 64, 3), (90, 64, 64, 2), (80, 128, 32, 2),
                                        (80, 64, 32, 2))],
-             [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 16}]),
+             [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 16, "TMA": HAS_TMA}]),
     key=["HEAD_DIM", "CAUSAL", "block", "len_bucket"],
     prune_configs_by={"early_config_prune": _prune("BLOCK_M")},
 )
@@ -322,8 +345,9 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, work_ptr,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
               tokens_q, heads, group, qk_scale, block, len_bucket,
               HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ARCH: tl.constexpr = 0):
-    """One program per (work item, head). ``block`` (= BLOCK_M) and ``len_bucket`` only select configs.
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ARCH: tl.constexpr = 0, TMA: tl.constexpr = False):
+    """One program per (work item, head). ``block`` (= BLOCK_M) and ``len_bucket`` only select configs;
+    TMA: K/V tiles through tensor descriptors.
     Head dim 128 takes 64-key tiles (128 spill: two 128x128 fp32 tiles and the q tile in registers)."""
     BN: tl.constexpr = BLOCK_N if HEAD_DIM < 128 else 64
     pid = tl.program_id(0)
@@ -350,11 +374,17 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, work_ptr,
         acc_b = tl.zeros([BLOCK_M, WB], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ka = _segment_source(k_ptr, lk, stride_kt, 0, WA, HEAD_DIM, BN, TMA)
+    va = _segment_source(v_ptr, lk, stride_vt, 0, WA, HEAD_DIM, BN, TMA)
+    kb, vb = ka, va
+    if WB > 0:
+        kb = _segment_source(k_ptr, lk, stride_kt, WA, WB, HEAD_DIM, BN, TMA)
+        vb = _segment_source(v_ptr, lk, stride_vt, WA, WB, HEAD_DIM, BN, TMA)
     full, end = _key_ranges(m0, lq, lk, CAUSAL, BLOCK_M, BN)
-    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, rows, lk, lk - lq, stride_kt,
-                                        stride_vt, qk_scale, 0, full, HEAD_DIM, WA, WB, CAUSAL, False, BN)
-    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, rows, lk, lk - lq, stride_kt,
-                                        stride_vt, qk_scale, full, end, HEAD_DIM, WA, WB, CAUSAL, True, BN)
+    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, rows, lk, lk - lq, stride_kt,
+                                        stride_vt, qk_scale, 0, full, HEAD_DIM, WA, WB, CAUSAL, False, BN, TMA)
+    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, rows, lk, lk - lq, stride_kt,
+                                        stride_vt, qk_scale, full, end, HEAD_DIM, WA, WB, CAUSAL, True, BN, TMA)
     # rows without a visible key: output 0, lse -inf (l_i == 0)
     has_key = l_i > 0
     inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
@@ -394,25 +424,26 @@ def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, stride_ot, stride_oh, stride_dot, 
 
 
 @triton.jit
-def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_a, dq_b, keys, lq,
-                causal_shift, stride_qt, stride_dot, stride_dq, qk_scale, scale, start, end, HEAD_DIM: tl.constexpr,
-                WA: tl.constexpr, WB: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr,
-                BLOCK_M: tl.constexpr):
-    """Accumulate dk/dv of one k block over q blocks [start, end) of one query head, keys as the M
-    dimension. Padding rows past lq load q = dO = 0, lse = delta = 0: they add nothing. ATOMIC_DQ: also
-    add dS K * scale into the fp32 dq (tensor descriptors ``dq_a``/``dq_b`` with TMA, else a pointer)."""
+def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_src, qb_src, doa_src, dob_src, lse_ptr, delta_ptr, dq_a,
+                dq_b, keys, lq, causal_shift, stride_qt, stride_dot, stride_dq, qk_scale, scale, start, end,
+                HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, MASK: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, TMA_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dk/dv of one k block over q blocks [start, end) of one query head (q and dO tiles from
+    _segment_source), keys as the M dimension. Padding rows past lq read q = dO = 0, lse = delta = 0: they
+    add nothing. ATOMIC_DQ: also add dS K * scale into the fp32 dq (tensor descriptors ``dq_a``/``dq_b``
+    with TMA_REDUCE, else through the pointer ``dq_a``)."""
     # at head dim 128 the accumulators fill the registers: no loads in flight across iterations there
     for m0 in tl.range(start, end, BLOCK_M, num_stages=1 if HEAD_DIM == 128 else None):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < lq
-        qa = _load_tile(q_ptr, rows, row_mask, stride_qt, 0, WA, HEAD_DIM)
-        do_a = _load_tile(do_ptr, rows, row_mask, stride_dot, 0, WA, HEAD_DIM)
+        qa = _segment_tile(qa_src, m0, lq, stride_qt, 0, WA, HEAD_DIM, BLOCK_M, TMA)
+        do_a = _segment_tile(doa_src, m0, lq, stride_dot, 0, WA, HEAD_DIM, BLOCK_M, TMA)
         s_t = tl.dot(ka, tl.trans(qa))
         dp_t = tl.dot(va, tl.trans(do_a))
         qb, do_b = qa, do_a
         if WB > 0:
-            qb = _load_tile(q_ptr, rows, row_mask, stride_qt, WA, WB, HEAD_DIM)
-            do_b = _load_tile(do_ptr, rows, row_mask, stride_dot, WA, WB, HEAD_DIM)
+            qb = _segment_tile(qb_src, m0, lq, stride_qt, WA, WB, HEAD_DIM, BLOCK_M, TMA)
+            do_b = _segment_tile(dob_src, m0, lq, stride_dot, WA, WB, HEAD_DIM, BLOCK_M, TMA)
             s_t = tl.dot(kb, tl.trans(qb), s_t)
             dp_t = tl.dot(vb, tl.trans(do_b), dp_t)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * LOG2E
@@ -429,7 +460,7 @@ def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, 
             dk_b = tl.dot(ds_t, qb, dk_b)
         if ATOMIC_DQ:
             ds = tl.trans(ds_t)
-            if TMA:  # reductions clipped to the segment and head dim: no per-element addresses
+            if TMA_REDUCE:  # reductions clipped to the segment and head dim: no per-element addresses
                 dq_a.atomic_add([m0, 0], tl.dot(ds, ka) * scale)
                 if WB > 0:
                     dq_b.atomic_add([m0, WA], tl.dot(ds, kb) * scale)
@@ -446,9 +477,9 @@ def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr, do_ptr, lse_ptr, 
        tensor_cores="wgmma")
 @triton.autotune(
     # BLOCK_N keys (the host's block, 16 per warp) against BLOCK_M-row q blocks
-    _configs([({"BLOCK_N": bn, "BLOCK_M": bm, "ARCH": arch}, bn // 16, 2)
+    _configs([({"BLOCK_N": bn, "BLOCK_M": bm, "ARCH": arch, "TMA": arch == 90 and HAS_TMA}, bn // 16, 2)
               for arch, bn, bm in ((90, 128, 64), (90, 64, 64), (80, 128, 16), (80, 64, 32))],
-             [{"BLOCK_N": 16, "BLOCK_M": 16}, {"BLOCK_N": 32, "BLOCK_M": 16}]),
+             [{"BLOCK_N": 16, "BLOCK_M": 16}, {"BLOCK_N": 32, "BLOCK_M": 16, "TMA": HAS_TMA}]),
     key=["HEAD_DIM", "CAUSAL", "ROPE", "ATOMIC_DQ", "block", "len_bucket"],
     prune_configs_by={"early_config_prune": _prune("BLOCK_N")},
     reset_to_zero=["dqacc_ptr"],
@@ -460,11 +491,12 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    tokens_q, kv_heads, group, qk_scale, scale, block, len_bucket,
                    HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
                    ROPE: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   ARCH: tl.constexpr = 0):
+                   ARCH: tl.constexpr = 0, TMA: tl.constexpr = False):
     """One program per (work item = block of BLOCK_N keys, kv head); loops over the q blocks of the
     group's query heads. ``block`` (= BLOCK_N) and ``len_bucket`` only select configs. Head dim 128
     takes half-height q blocks (the dk/dv accumulators then fill the registers)."""
     BM: tl.constexpr = BLOCK_M // 2 if HEAD_DIM == 128 and BLOCK_M > 16 else BLOCK_M
+    TMA_REDUCE: tl.constexpr = TMA and ARCH == 90  # the interpreter has no tensor-descriptor reductions
     pid = tl.program_id(0)
     item, hk = pid // kv_heads, pid % kv_heads
     seg, nb, k_start, lk, q_start, lq = _work_item(work_ptr, item, cu_k_ptr, cu_q_ptr)
@@ -501,16 +533,23 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     start = tl.maximum(n0 - shift, 0) // BM * BM if CAUSAL else 0
     for g in range(group):
         h = hk * group + g
+        q_h, do_h = q_ptr + _head(h, stride_qh), do_ptr + _head(h, stride_doh)
+        qa = _segment_source(q_h, lq, stride_qt, 0, WA, HEAD_DIM, BM, TMA)
+        doa = _segment_source(do_h, lq, stride_dot, 0, WA, HEAD_DIM, BM, TMA)
+        qb, dob = qa, doa
+        if WB > 0:
+            qb = _segment_source(q_h, lq, stride_qt, WA, WB, HEAD_DIM, BM, TMA)
+            dob = _segment_source(do_h, lq, stride_dot, WA, WB, HEAD_DIM, BM, TMA)
         dq_a = dqacc_ptr + _head(h, HEAD_DIM)
         dq_b = dq_a
-        if ATOMIC_DQ and ARCH == 90:
+        if ATOMIC_DQ and TMA_REDUCE:
             dq_a = tl.make_tensor_descriptor(dq_b, [lq, HEAD_DIM], [heads * HEAD_DIM, 1], [BM, WA])
             if WB > 0:
                 dq_b = tl.make_tensor_descriptor(dq_b, [lq, HEAD_DIM], [heads * HEAD_DIM, 1], [BM, WB])
         dk_a, dk_b, dv_a, dv_b = _dkdv_tiles(
-            dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_ptr + _head(h, stride_qh), do_ptr + _head(h, stride_doh),
-            lse_ptr + h * tokens_q, delta_ptr + h * tokens_q, dq_a, dq_b, keys, lq, shift, stride_qt, stride_dot,
-            heads * HEAD_DIM, qk_scale, scale, start, lq, HEAD_DIM, WA, WB, CAUSAL, ATOMIC_DQ, ARCH == 90, BM)
+            dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa, qb, doa, dob, lse_ptr + h * tokens_q, delta_ptr + h * tokens_q,
+            dq_a, dq_b, keys, lq, shift, stride_qt, stride_dot, heads * HEAD_DIM, qk_scale, scale, start, lq, HEAD_DIM,
+            WA, WB, CAUSAL, ATOMIC_DQ, TMA, TMA_REDUCE, BM)
     # dv first: its registers are free before dk goes through RoPE
     _store_tile(dv_ptr, dv_a, keys, key_mask, stride_dvt, 0, WA, HEAD_DIM)
     if WB > 0:
@@ -523,25 +562,24 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
 
 
 @triton.jit
-def _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, rows, lk, causal_shift,
+def _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, ka_src, kb_src, va_src, vb_src, rows, lk, causal_shift,
               stride_kt, stride_vt, qk_scale, start, end, HEAD_DIM: tl.constexpr, WA: tl.constexpr,
-              WB: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+              WB: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < lk
-        ka = _load_tile(k_ptr, cols, col_mask, stride_kt, 0, WA, HEAD_DIM)
-        v = _load_tile(v_ptr, cols, col_mask, stride_vt, 0, WA, HEAD_DIM)
+        ka = _segment_tile(ka_src, n0, lk, stride_kt, 0, WA, HEAD_DIM, BLOCK_N, TMA)
+        v = _segment_tile(va_src, n0, lk, stride_vt, 0, WA, HEAD_DIM, BLOCK_N, TMA)
         s = tl.dot(qa, tl.trans(ka))
         dp = tl.dot(do_a, tl.trans(v))
         kb = ka
         if WB > 0:
-            kb = _load_tile(k_ptr, cols, col_mask, stride_kt, WA, WB, HEAD_DIM)
-            v = _load_tile(v_ptr, cols, col_mask, stride_vt, WA, WB, HEAD_DIM)
+            kb = _segment_tile(kb_src, n0, lk, stride_kt, WA, WB, HEAD_DIM, BLOCK_N, TMA)
+            v = _segment_tile(vb_src, n0, lk, stride_vt, WA, WB, HEAD_DIM, BLOCK_N, TMA)
             s = tl.dot(qb, tl.trans(kb), s)
             dp = tl.dot(do_b, tl.trans(v), dp)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASK:  # keys past the segment, causal diagonal; rows without a visible key (lse = -inf) get 0
-            visible = col_mask[None, :]
+            visible = (cols < lk)[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + causal_shift)
             p = tl.where(visible, p, 0.0)
@@ -555,9 +593,9 @@ def _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, rows, lk
 @gated(lambda fn: _specs(fn, "BLOCK_M", BWD_FLOOR, BWD_FLOOR, rope=True), tensor_cores="wgmma")
 @triton.autotune(
     # BLOCK_M rows (the host's block, 16 per warp) against BLOCK_N-key blocks
-    _configs([({"BLOCK_M": bm, "BLOCK_N": bn, "ARCH": arch}, bm // 16, 2)
+    _configs([({"BLOCK_M": bm, "BLOCK_N": bn, "ARCH": arch, "TMA": arch == 90 and HAS_TMA}, bm // 16, 2)
               for arch, bn in ((90, 64), (80, 32)) for bm in (64, 128)],
-             [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 16}]),
+             [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 16, "TMA": HAS_TMA}]),
     key=["HEAD_DIM", "CAUSAL", "ROPE", "block", "len_bucket"],
     prune_configs_by={"early_config_prune": _prune("BLOCK_M")},
 )
@@ -566,8 +604,10 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_p
                  table_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                  stride_dqt, stride_dqh, stride_pt, stride_pc, tokens_q, heads, group, qk_scale, scale, block,
                  len_bucket, HEAD_DIM: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, CAUSAL: tl.constexpr,
-                 ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ARCH: tl.constexpr = 0):
-    """One program per (work item = block of BLOCK_M queries, head); loops over the key blocks it sees."""
+                 ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ARCH: tl.constexpr = 0,
+                 TMA: tl.constexpr = False):
+    """One program per (work item = block of BLOCK_M queries, head); loops over the key blocks it sees
+    (TMA: through tensor descriptors)."""
     pid = tl.program_id(0)
     item, h = pid // heads, pid % heads
     seg, mb, q_start, lq, k_start, lk = _work_item(work_ptr, item, cu_q_ptr, cu_k_ptr)
@@ -593,11 +633,17 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_p
         dq_b = tl.zeros([BLOCK_M, WB], dtype=tl.float32)
     lse = tl.load(lse_ptr + h * tokens_q + q_start + rows, mask=row_mask, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + h * tokens_q + q_start + rows, mask=row_mask, other=0.0)
+    ka = _segment_source(k_ptr, lk, stride_kt, 0, WA, HEAD_DIM, BLOCK_N, TMA)
+    va = _segment_source(v_ptr, lk, stride_vt, 0, WA, HEAD_DIM, BLOCK_N, TMA)
+    kb, vb = ka, va
+    if WB > 0:
+        kb = _segment_source(k_ptr, lk, stride_kt, WA, WB, HEAD_DIM, BLOCK_N, TMA)
+        vb = _segment_source(v_ptr, lk, stride_vt, WA, WB, HEAD_DIM, BLOCK_N, TMA)
     full, end = _key_ranges(m0, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)
-    dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, rows, lk, lk - lq,
-                           stride_kt, stride_vt, qk_scale, 0, full, HEAD_DIM, WA, WB, CAUSAL, False, BLOCK_N)
-    dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, k_ptr, v_ptr, rows, lk, lk - lq,
-                           stride_kt, stride_vt, qk_scale, full, end, HEAD_DIM, WA, WB, CAUSAL, True, BLOCK_N)
+    dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, ka, kb, va, vb, rows, lk, lk - lq,
+                           stride_kt, stride_vt, qk_scale, 0, full, HEAD_DIM, WA, WB, CAUSAL, False, BLOCK_N, TMA)
+    dq_a, dq_b = _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, ka, kb, va, vb, rows, lk, lk - lq,
+                           stride_kt, stride_vt, qk_scale, full, end, HEAD_DIM, WA, WB, CAUSAL, True, BLOCK_N, TMA)
     _store_qk_grad(dq_ptr, dq_a * scale, rows, row_mask, stride_dqt, pos_ptr, stride_pt, stride_pc, table_ptr,
                    0, WA, HEAD_DIM, ROPE)
     if WB > 0:
@@ -637,13 +683,18 @@ def _tma_scratch():
     """Tensor descriptors made on the device need a global scratch allocator: torch's, unless one is set."""
     from triton.runtime import _allocation
 
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+    if HAS_TMA and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def _aligned(t):
-    """``t``, or a contiguous copy where its head stride or start is not 16-byte aligned (see _head)."""
-    return t if t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0 else t.contiguous()
+    """``t``, or a contiguous copy where its start or its token or head stride is not 16-byte aligned (see
+    _head; tensor descriptors need the same)."""
+    return t if t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0 else t.contiguous()
+
+
+def _sm90(device):
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _work_list(cu, tokens, block, reverse):
@@ -684,6 +735,8 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta):
         return out, lse, q, k
     wa, wb = _tiles(dim)
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
+    if _sm90(q.device):
+        _tma_scratch()
     block = block_size(max(max_q, max_k))
     work = _work_list(cu_q, tq, block, causal)
     _attn_fwd[(work.shape[0] * heads,)](
@@ -716,9 +769,8 @@ def backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scal
     bucket = _len_bucket(max(max_q, max_k))
     # sm_80's mma.sync keeps both operands of the atomic path's extra dot in registers: it spills there
     # the atomic dq adds through TMA: sm_90 (and the interpreter) only
-    sm80 = q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9
-    atomic = not deterministic and max_k > 0 and not sm80
-    if atomic and q.device.type == "cuda":
+    atomic = not deterministic and max_k > 0 and (q.device.type != "cuda" or _sm90(q.device))
+    if _sm90(q.device):
         _tma_scratch()
     # fp32 dq summed with atomics over the k blocks (contiguous); a stand-in when unused
     dqacc = torch.zeros(tq if atomic else 0, heads, dim, dtype=torch.float32, device=q.device)
