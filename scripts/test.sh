@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$(bash scripts/setup.sh | tail -n 1)
 export TRITON_DEFAULT_FP_FUSION=1
-"$venv/bin/fastvl" gate
+"$venv/bin/fastvl" gate --perf
 "$venv/bin/python" -m pytest -n "${FASTVL_TEST_WORKERS:-2}" -q "$@"
