@@ -21,10 +21,14 @@ def _apply_rope_2d(x, pos, theta, inverse):
 
 
 def _attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta):
-    return _C.varlen_attention_fwd(q, k, v, cu_q, cu_k, causal, scale, rope_pos, theta)
+    """(out, lse, q, k): RoPE is applied inside the loops, so the backward takes q and k as given."""
+    out, lse = _C.varlen_attention_fwd(q, k, v, cu_q, cu_k, causal, scale, rope_pos, theta)
+    return out, lse, q, k
 
 
-def _attention_backward(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta):
+def _attention_backward(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta,
+                        deterministic=True):
+    """Deterministic whatever ``deterministic`` says (no atomics)."""
     return _C.varlen_attention_bwd(grad, q, k, v, out, lse, cu_q, cu_k, causal, scale, rope_pos, theta)
 
 

@@ -47,7 +47,7 @@ def compile_one(gated, spec, constexprs, options, cap, with_perf=False):
            "matrix": _matrix_ops(kernel.asm["ptx"])}
     if with_perf:
         sass = perf_model.disassemble(cubin)
-        row["report"] = perf_model.analyse_sass(sass, cap, kernel.metadata.num_warps)
+        row["report"] = perf_model.analyse_sass(sass, cap, kernel.metadata.num_warps, kernel.asm["ttgir"])
         row["mma_sync"] = "HMMA" in sass
     return row
 

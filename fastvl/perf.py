@@ -8,12 +8,14 @@ body when several tie (the unmasked steady-state iteration). Per iteration and p
     issue  cycles = instructions per thread * warps / 4 schedulers
     MUFU   cycles = MUFU instructions per thread * threads / 16
     smem   cycles = shared-memory bytes (LDS/STS/LDSM/STSM/LDGSTS per warp, wgmma operands read from
-                    shared memory per warpgroup) / 128
+                    shared memory per warpgroup, TMA copies and reductions per CTA) / 128
     DRAM   cycles = global bytes (LDG/STG/LDGSTS/atomics) / DRAM_BYTES_PER_CYCLE[arch]
     ceiling = work / max(tensor, issue, MUFU, smem[, DRAM])
 
 where work is the tensor cycles for a kernel with dots and the DRAM cycles for a memory-bound one (no
-dots: its ceiling is a fraction of DRAM bandwidth; it also reports bytes moved per byte written). A
+dots: its ceiling is a fraction of DRAM bandwidth; it also reports bytes moved per byte written). A TMA
+instruction does not say how much it moves: each counts the average box of the kernel's TMA copies (or
+reductions), read from its TTGIR. A
 ceiling ignores latency, occupancy, memory stalls and the pipes' interplay: measured fractions are
 lower. It ranks designs and catches regressions; it is not a measurement.
 """
@@ -56,6 +58,9 @@ _BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+(?:\w+,\s*)?`\((\.L_x_\d+)\)")
 _HGMMA = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)\.\w+(?:\.(\w+))?")  # M x N x K, accumulator, operands
 _HMMA = re.compile(r"HMMA\.(16)(8)(\d+)\.\w+(?:\.(\w+))?")  # m16 n8 kK; no operand type: fp16
 _WIDTH = re.compile(r"\.(U8|S8|U16|S16|64|128)\b")
+_TMA = re.compile(r"ttng\.async_tma_(copy_global_to_local|reduce|copy_local_to_global)\b.*")
+_MEMDESC = re.compile(r"!ttg\.memdesc<([\dx]+)x(bf16|f16|f32|i8|i16|i32|f8E4M3FN|f8E5M2)\b")
+_ELEMENT_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "i8": 1, "i16": 2, "i32": 4, "f8E4M3FN": 1, "f8E5M2": 1}
 
 
 @dataclass
@@ -128,7 +133,24 @@ class Profile:
     store_bytes: float = 0.0
 
 
-def profile(instrs: list[Instr], warps: int) -> Profile:
+def tma_boxes(ttgir: str) -> dict:
+    """Average bytes of the kernel's TMA copies into shared memory ("load") and out of it ("store":
+    stores and reductions), from the shared-memory tiles of its TTGIR ops."""
+    sizes = {"load": [], "store": []}
+    for m in _TMA.finditer(ttgir):
+        tiles = [t for t in _MEMDESC.findall(m.group(0)) if t[0] != "1"]  # not the 1xi64 barrier
+        if tiles:
+            dims, kind = tiles[-1]
+            size = _ELEMENT_BYTES[kind]
+            for d in dims.split("x"):
+                size *= int(d)
+            sizes["load" if m.group(1) == "copy_global_to_local" else "store"].append(size)
+    return {k: sum(v) / len(v) for k, v in sizes.items() if v}
+
+
+def profile(instrs: list[Instr], warps: int, tma: dict | None = None) -> Profile:
+    """Counts of ``instrs``; ``tma``: tma_boxes() of the kernel."""
+    tma = tma or {}
     p = Profile(instructions=len(instrs))
     groups = max(warps // 4, 1)
     for ins in instrs:
@@ -151,6 +173,14 @@ def profile(instrs: list[Instr], warps: int) -> Profile:
             continue
         cls = _CLASS_OF.get(code, "int")
         p.classes[cls] += 1
+        if code == "UTMALDG":  # one copy per CTA
+            p.smem_bytes += tma.get("load", 0)
+            p.load_bytes += tma.get("load", 0)
+            continue
+        if code in ("UTMASTG", "UTMAREDG"):
+            p.smem_bytes += tma.get("store", 0)
+            p.store_bytes += tma.get("store", 0)
+            continue
         bytes_per_warp = 32 * _access_bytes(op)
         if cls == "smem":
             p.smem_bytes += bytes_per_warp * warps
@@ -216,16 +246,17 @@ class Report:
         return (p.load_bytes + p.store_bytes) / p.store_bytes if p.store_bytes else float("inf")
 
 
-def hot_loop(instrs: list[Instr], labels: dict, warps: int):
+def hot_loop(instrs: list[Instr], labels: dict, warps: int, tma: dict | None = None):
     """(Profile of the hot loop, True), or of the whole program and False when it has no loop."""
-    candidates = [profile(instrs[a:b + 1], warps) for a, b in loops(instrs, labels)]
+    candidates = [profile(instrs[a:b + 1], warps, tma) for a, b in loops(instrs, labels)]
     if not candidates:
-        return profile(instrs, warps), False
+        return profile(instrs, warps, tma), False
     return max(candidates, key=lambda p: (sum(p.tensor.values()), p.load_bytes + p.store_bytes, -p.instructions)), True
 
 
-def analyse_sass(sass: str, arch: int, warps: int) -> Report:
-    """The model's report on a kernel's SASS (``disassemble``), compiled for ``arch`` with ``warps`` warps."""
+def analyse_sass(sass: str, arch: int, warps: int, ttgir: str = "") -> Report:
+    """The model's report on a kernel's SASS (``disassemble``), compiled for ``arch`` with ``warps`` warps;
+    its ``ttgir`` sizes the TMA copies."""
     instrs, labels = parse(sass)
-    p, is_loop = hot_loop(instrs, labels, warps)
+    p, is_loop = hot_loop(instrs, labels, warps, tma_boxes(ttgir))
     return Report(is_loop, p, ceiling(p, arch, warps))

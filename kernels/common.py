@@ -41,17 +41,22 @@ def rope_2d_cos_sin(pos_ptr, tok, tok_mask, stride_pt, stride_pc, pair, table_pt
     """fp32 cos/sin [len(tok), len(pair)] of the rotation of pairs (i, i + D/2), i in ``pair``, at the tokens'
     (row, col) positions (int32 pos [T, 2] with strides): pair i turns by row * f_i for i < D/4, by
     col * f_(i - D/4) after. The angle modulo one turn is exact for every int32 position: the position
-    times the 64-bit fixed-point frequency (``rope_table``) wraps modulo 2^64 = one turn; only the
-    remainder, within an eighth of a turn of the nearest quadrant, becomes fp32."""
+    times the 64-bit fixed-point frequency (``rope_table``) wraps modulo 2^64 = one turn. Only the top 32
+    bits of that product count (32-bit arithmetic: high word of position x low word, plus position x high
+    word), and only the remainder within an eighth of a turn of the nearest quadrant becomes fp32."""
     QUARTER: tl.constexpr = HEAD_DIM // 4
     use_col = pair >= QUARTER
     freq = tl.load(table_ptr + tl.where(use_col, pair - QUARTER, pair), mask=pair < 2 * QUARTER, other=0)
-    row = tl.load(pos_ptr + tok * stride_pt, mask=tok_mask, other=0).to(tl.int64)
-    col = tl.load(pos_ptr + tok * stride_pt + stride_pc, mask=tok_mask, other=0).to(tl.int64)
-    turns = tl.where(use_col[None, :], col[:, None], row[:, None]) * freq[None, :]  # wraps: modulo one turn
-    quadrant = ((turns + (1 << 61)) >> 62) & 3  # nearest quarter turn
+    f_lo = freq.to(tl.uint32)[None, :]
+    f_hi = (freq >> 32).to(tl.uint32)[None, :]
+    row = tl.load(pos_ptr + tok * stride_pt, mask=tok_mask, other=0)
+    col = tl.load(pos_ptr + tok * stride_pt + stride_pc, mask=tok_mask, other=0)
+    p = tl.where(use_col[None, :], col[:, None], row[:, None])
+    u = p.to(tl.uint32)  # a negative position reads as p + 2^32: take 2^32 * f_lo back off
+    turns = u * f_hi + tl.umulhi(u, f_lo) - tl.where(p < 0, f_lo, 0)  # top 32 bits of p * f modulo 2^64
+    quadrant = ((turns + (1 << 29)) >> 30) & 3  # nearest quarter turn
     # the remainder within 1/8 turn of it, in units of 2^-32 turn, to radians
-    r = ((turns - (quadrant << 62)) >> 32).to(tl.int32).to(tl.float32) * 1.4629180792671596e-09  # 2*pi / 2^32
+    r = (turns - (quadrant << 30)).to(tl.int32).to(tl.float32) * 1.4629180792671596e-09  # 2*pi / 2^32
     r2 = r * r
     sin_r = r + r * r2 * (-1.6666666666666666e-1 + r2 * (8.333333333333333e-3 + r2 * (-1.984126984126984e-4
                                                                                     + r2 * 2.7557319223985893e-6)))

@@ -22,7 +22,7 @@ echo "import site; site.addsitedir('$(cd "$(site "$venv")" && pwd)')" >"$(site "
 log36=$(mktemp)
 "$old/bin/python" -c 'import sys, fastvl.gate as gate; gate.ARCHS = (90,); sys.exit(gate.run())' >"$log36" 2>&1 &
 gate36=$!
-"$venv/bin/fastvl" gate
+"$venv/bin/fastvl" gate --perf
 wait $gate36 || true
 echo "compile gate with triton 3.6 (sm_90): $(tail -n 1 "$log36")"
 grep -v ' ok$' "$log36" | grep -v '^kernel ' || true

@@ -256,3 +256,24 @@ def test_perf_memory_bound_program():
     assert report.bytes_per_output_byte == (16 + 8) / 8
     assert report.ceiling.work == "dram" and report.ceiling.limiter == "dram" and report.ceiling.bound == 1.0
     assert report.ceiling.cycles["dram"] == (16 + 8) * 32 * 4 / perf.DRAM_BYTES_PER_CYCLE[90]
+
+
+def test_perf_sizes_tma_copies_from_the_ttgir():
+    ttgir = """
+    ttng.async_tma_copy_global_to_local %k[%a, %b] %buf, %bar, %p : !tt.tensordesc<128x64xbf16, #s>, !ttg.memdesc<1xi64, #s2, #smem, mutable> -> !ttg.memdesc<128x64xbf16, #s, #smem, mutable>
+    ttng.async_tma_copy_global_to_local %k[%a, %c] %buf, %bar, %p : !tt.tensordesc<128x16xbf16, #s>, !ttg.memdesc<1xi64, #s2, #smem, mutable> -> !ttg.memdesc<128x16xbf16, #s, #smem, mutable>
+    ttng.async_tma_reduce add, %dq[%a, %b] %t : !tt.tensordesc<64x64xf32, #s>, !ttg.memdesc<64x64xf32, #s, #smem, mutable>
+    """
+    boxes = perf.tma_boxes(ttgir)
+    assert boxes == {"load": (128 * 64 + 128 * 16) * 2 / 2, "store": 64 * 64 * 4}
+    sass = """
+.L_x_0:
+        /*0000*/              @UP4 UTMALDG.2D [UR12], [UR6] ;
+        /*0010*/              @UP5 UTMAREDG.2D.ADD [UR16], [UR4] ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0030*/              @!P0 BRA `(.L_x_0) ;
+"""
+    p = perf.analyse_sass(sass, 90, warps=4, ttgir=ttgir).profile
+    # one copy per CTA, whatever the warps; the wgmma reads A and B from shared memory
+    assert p.load_bytes == boxes["load"] and p.store_bytes == boxes["store"]
+    assert p.smem_bytes == boxes["load"] + boxes["store"] + 2048 + 2048

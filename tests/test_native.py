@@ -111,7 +111,8 @@ def test_attention_strided_views_and_lse():
     qkv = randn(sum(lengths), 3, 4, 80, dtype=torch.float32, gen=gen)
     q, k, v = qkv.unbind(1)
     assert not q.is_contiguous()
-    out, lse = torch.ops.fastvl.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), False, 0.1, pos, 1e4)
+    out, lse, *_ = torch.ops.fastvl.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), False, 0.1, pos, 1e4,
+                                                     True)
     ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), cu, softmax_scale=0.1, rope_pos=pos,
                                        return_lse=True)
     assert_close(out, ref, torch.float32)
@@ -132,7 +133,7 @@ def test_attention_small_head_dims(head_dim):
     lengths, _, pos = _pack(gen, 3)
     cu, m = cu_seqlens(lengths), max(lengths)
     q, k, v = (randn(sum(lengths), 2, head_dim, dtype=torch.float32, gen=gen, requires_grad=True) for _ in range(3))
-    out = torch.ops.fastvl.varlen_attention(q, k, v, cu, cu, m, m, True, 0.5, pos, 100.0)[0]
+    out = torch.ops.fastvl.varlen_attention(q, k, v, cu, cu, m, m, True, 0.5, pos, 100.0, True)[0]
     grads = torch.autograd.grad(out, (q, k, v), randn(*out.shape, gen=generator(2)))
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = attention_reference(*leaves, cu, causal=True, softmax_scale=0.5, rope_pos=pos, rope_theta=100.0)
