@@ -85,10 +85,12 @@ def size_class(tokens: int) -> int:
 
 
 def autotune_configs(gpu, interpreter):
-    """Autotune configs from (kwargs, warps, stages) triples; the interpreter gets ``interpreter`` alone (one
-    program at a time, it would time every config, and small blocks give small test shapes several)."""
+    """Autotune configs from (kwargs, warps, stages) triples; the interpreter gets ``interpreter`` (kwargs, or a
+    list of them where the host picks among configs) alone: it runs one program at a time and would time every
+    config, and small blocks give small test shapes several."""
     if interpreting():
-        return [triton.Config(interpreter, num_warps=4, num_stages=1)]
+        return [triton.Config(kw, num_warps=4, num_stages=1)
+                for kw in (interpreter if isinstance(interpreter, list) else [interpreter])]
     return [triton.Config(kwargs, num_warps=w, num_stages=s) for kwargs, w, s in gpu]
 
 

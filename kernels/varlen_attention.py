@@ -26,7 +26,7 @@ import triton.language as tl
 
 from fastvl._backend import interpreting
 
-from .common import LOG2E, rope_2d_cos_sin, rope_table
+from .common import LOG2E, autotune_configs, rope_2d_cos_sin, rope_table
 from .registry import Spec, gated, launch_spec, prune_by_arch, signature
 
 HEAD_DIMS = (64, 72, 80, 96, 128)
@@ -60,14 +60,6 @@ def dkdv_block(block, head_dim):
 def _len_bucket(max_len):
     """Autotune key: the longest segment, rounded up to a power of two between 64 and 4096."""
     return min(max(triton.next_power_of_2(max(max_len, 1)), 64), 4096)
-
-
-def _configs(gpu, interpreter):
-    """Autotune configs from (constexprs, warps, stages); the interpreter gets one config per block size
-    (``interpreter``: constexprs), so it never times configs."""
-    if interpreting():
-        return [triton.Config(kw) for kw in interpreter]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in gpu]
 
 
 def _prune(block_name):
@@ -334,10 +326,10 @@ def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, ka_src, kb_src, va_src, vb_src, r
 @gated(lambda fn: _specs(fn, "BLOCK_M", {90: 0.75, 80: 0.6}, {90: 0.7, 80: 0.6}), tensor_cores="wgmma")
 @triton.autotune(
     # (ARCH, BLOCK_M, BLOCK_N, stages); BLOCK_M is the host's block, 16 rows per warp
-    _configs([({"BLOCK_M": bm, "BLOCK_N": bn, "ARCH": arch, "TMA": arch == 90 and HAS_TMA}, bm // 16, st)
-              for arch, bm, bn, st in ((90, 128, 128, 2), (90, 128, 64, 3), (90, 64, 64, 2), (80, 128, 32, 2),
-                                       (80, 64, 32, 2))],
-             [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 16, "TMA": HAS_TMA}]),
+    autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn, "ARCH": arch, "TMA": arch == 90 and HAS_TMA}, bm // 16, st)
+                      for arch, bm, bn, st in ((90, 128, 128, 2), (90, 128, 64, 3), (90, 64, 64, 2), (80, 128, 32, 2),
+                                               (80, 64, 32, 2))],
+                     [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 16, "TMA": HAS_TMA}]),
     key=["HEAD_DIM", "CAUSAL", "block", "len_bucket"],
     prune_configs_by={"early_config_prune": _prune("BLOCK_M")},
 )
@@ -478,9 +470,9 @@ def _dkdv_tiles(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_src, qb_src, doa_src,
        tensor_cores="wgmma")
 @triton.autotune(
     # BLOCK_N keys (the host's block, 16 per warp) against BLOCK_M-row q blocks
-    _configs([({"BLOCK_N": bn, "BLOCK_M": bm, "ARCH": arch, "TMA": arch == 90 and HAS_TMA}, bn // 16, 2)
-              for arch, bn, bm in ((90, 128, 64), (90, 64, 64), (80, 128, 16), (80, 64, 32))],
-             [{"BLOCK_N": 16, "BLOCK_M": 16}, {"BLOCK_N": 32, "BLOCK_M": 16, "TMA": HAS_TMA}]),
+    autotune_configs([({"BLOCK_N": bn, "BLOCK_M": bm, "ARCH": arch, "TMA": arch == 90 and HAS_TMA}, bn // 16, 2)
+                      for arch, bn, bm in ((90, 128, 64), (90, 64, 64), (80, 128, 16), (80, 64, 32))],
+                     [{"BLOCK_N": 16, "BLOCK_M": 16}, {"BLOCK_N": 32, "BLOCK_M": 16, "TMA": HAS_TMA}]),
     key=["HEAD_DIM", "CAUSAL", "ROPE", "ATOMIC_DQ", "block", "len_bucket"],
     prune_configs_by={"early_config_prune": _prune("BLOCK_N")},
     reset_to_zero=["dqacc_ptr"],
@@ -594,9 +586,9 @@ def _dq_tiles(dq_a, dq_b, qa, qb, do_a, do_b, lse, delta, ka_src, kb_src, va_src
 @gated(lambda fn: _specs(fn, "BLOCK_M", BWD_FLOOR, BWD_FLOOR, rope=True), tensor_cores="wgmma")
 @triton.autotune(
     # BLOCK_M rows (the host's block, 16 per warp) against BLOCK_N-key blocks
-    _configs([({"BLOCK_M": bm, "BLOCK_N": bn, "ARCH": arch, "TMA": arch == 90 and HAS_TMA}, bm // 16, 2)
-              for arch, bn in ((90, 64), (80, 32)) for bm in (64, 128)],
-             [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 16, "TMA": HAS_TMA}]),
+    autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn, "ARCH": arch, "TMA": arch == 90 and HAS_TMA}, bm // 16, 2)
+                      for arch, bn in ((90, 64), (80, 32)) for bm in (64, 128)],
+                     [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 16, "TMA": HAS_TMA}]),
     key=["HEAD_DIM", "CAUSAL", "ROPE", "block", "len_bucket"],
     prune_configs_by={"early_config_prune": _prune("BLOCK_M")},
 )

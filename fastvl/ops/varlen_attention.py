@@ -50,7 +50,8 @@ def varlen_attention(
     else:
         max_seqlen_k = check.cu_seqlens("cu_seqlens_k", cu_seqlens_k, tk, device, max_seqlen_k, "max_seqlen_k")
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
-            raise ValueError(f"cu_seqlens_k has {cu_seqlens_k.numel() - 1} segments, cu_seqlens_q {cu_seqlens_q.numel() - 1}")
+            raise ValueError(f"cu_seqlens_k has {cu_seqlens_k.numel() - 1} segments, "
+                             f"cu_seqlens_q {cu_seqlens_q.numel() - 1}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(deterministic, bool):
@@ -111,7 +112,8 @@ def _forward(
 
 @_forward.register_fake
 def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta, deterministic):
-    saved = (q.new_empty(q.shape), k.new_empty(k.shape)) if _rotates(q, k, v, rope_pos) else (q.new_empty(0), k.new_empty(0))
+    rotated = _rotates(q, k, v, rope_pos)
+    saved = (q.new_empty(q.shape), k.new_empty(k.shape)) if rotated else (q.new_empty(0), k.new_empty(0))
     return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32), *saved
 
 
