@@ -27,6 +27,8 @@ def main(argv=None):
     gate.add_argument("--perf", action="store_true",
                       help="also read each hot loop's SASS: instruction mix and the ceiling on the fraction of peak")
     gate.add_argument("--jobs", type=int, help="parallel compilations (default: one per CPU)")
+    gate.add_argument("--arch", type=int, action="append", choices=(80, 90),
+                      help="compile for this compute capability only (repeatable; default: 80 and 90)")
     bench = sub.add_parser("bench", help="benchmark suites on embedded default shapes: tables, JSON and plots")
     from .bench import add_arguments
 
@@ -55,9 +57,9 @@ def main(argv=None):
         return _train(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "gate":
-        from .gate import run
+        from .gate import ARCHS, run
 
-        return run(args.kernel, perf=args.perf, jobs=args.jobs)
+        return run(args.kernel, perf=args.perf, jobs=args.jobs, archs=tuple(args.arch or ARCHS))
     if args.command == "bench":
         from .bench import main as bench_main
 

@@ -86,7 +86,7 @@ def ungated_launches(modules, registry):
     return sorted(set(found))
 
 
-def _jobs(registry, pattern):
+def _jobs(registry, pattern, archs):
     for gi, gated in enumerate(registry):
         if pattern and not re.search(pattern, gated.name):
             continue
@@ -96,7 +96,7 @@ def _jobs(registry, pattern):
                 # the configs that agree; an ARCH-tagged config runs on that architecture family only
                 if any(spec.constexprs.get(k, v) != v for k, v in constexprs.items() if k != "ARCH"):
                     continue
-                for cap in ARCHS:
+                for cap in archs:
                     if cap in spec.archs and constexprs.get("ARCH", cap) == cap:
                         yield gi, si, ci, cap
 
@@ -126,8 +126,9 @@ def _perf_columns(row):
             f"{c['mufu']:>6.0f} {c['smem']:>6.0f} {str(r.ceiling):>14}")
 
 
-def run(pattern: str | None = None, perf: bool = False, jobs: int | None = None, out=sys.stdout) -> int:
-    """Compile (and with ``perf`` analyse) every selected kernel/spec/config/arch; 1 on any failure."""
+def run(pattern: str | None = None, perf: bool = False, jobs: int | None = None, archs=ARCHS,
+        out=sys.stdout) -> int:
+    """Compile (and with ``perf`` analyse) every selected kernel/spec/config on ``archs``; 1 on any failure."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     from fastvl.kernels import import_all
     from fastvl.kernels.registry import REGISTRY
@@ -137,7 +138,7 @@ def run(pattern: str | None = None, perf: bool = False, jobs: int | None = None,
     for module, name in ungated_launches(modules, REGISTRY):
         failures += 1
         print(f"UNGATED {module}.{name}: launched but not registered with @gated", file=out)
-    todo = list(_jobs(REGISTRY, pattern))
+    todo = list(_jobs(REGISTRY, pattern, archs))
     if not todo:
         print(f"no kernel matches {pattern!r}", file=out)
         return 1

@@ -20,7 +20,7 @@ fi
 site() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 echo "import site; site.addsitedir('$(cd "$(site "$venv")" && pwd)')" >"$(site "$old")/fastvl-base.pth"
 log36=$(mktemp)
-"$old/bin/python" -c 'import sys, fastvl.gate as gate; gate.ARCHS = (90,); sys.exit(gate.run())' >"$log36" 2>&1 &
+"$old/bin/python" -c 'import sys; from fastvl.cli import main; sys.exit(main(["gate", "--arch", "90"]))' >"$log36" 2>&1 &
 gate36=$!
 "$venv/bin/fastvl" gate --perf
 wait $gate36 || true
