@@ -1,6 +1,7 @@
 """Training runs: stage freezing, one-process outputs (metrics, summary, plot, checkpoints, final model), bad
 data, and 2-rank torchrun runs on CPU/gloo (DDP, FSDP2, ZeRO-2, ZeRO-3) with mixed text-only/image ranks and a
-SIGKILL + --resume that ends bit-identical to an uninterrupted run; a packed run and its exact resume."""
+SIGKILL + --resume that ends bit-identical to an uninterrupted run; packed runs (one process with an exact resume,
+two ranks sharing the micro-batches)."""
 import json
 import os
 import shutil
@@ -241,6 +242,20 @@ def test_sigkill_and_resume_is_bit_identical(setup, ddp_run, tmp_path):
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(reference)]
+
+
+@pytest.mark.slow
+def test_packed_ddp_ranks_share_the_micro_batches(setup, tmp_path):
+    """Two ranks measure the records' sizes in shares, gather them and train on disjoint packed micro-batches."""
+    root, data = setup
+    out = tmp_path / "packed"
+    run_ranks([*data, "--output_dir", str(out), "--packing", "--max_tokens_per_batch", "200", "--model_max_length",
+               "200", "--max_steps", "3", "--logging_steps", "1", "--dataloader_num_workers", "1", "--seed", "0",
+               "--max_bad_fraction", "0.5"])
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert summary["samples"] + sum(summary["records_skipped"].values()) > 3 * 2  # several records per micro-batch
+    assert all(r["padding_fraction"] == 0 and torch.isfinite(torch.tensor(r["loss"])) for r in metrics(out))
 
 
 @pytest.mark.slow
