@@ -19,7 +19,7 @@ import torch
 from . import common
 
 SUITES = {"ops": "ops", "attention": "attention", "compression": "compression", "model": "model",
-          "vit-train": "vit_train"}
+          "vit-train": "vit_train", "train": "train"}
 
 
 def load(name):

@@ -11,10 +11,6 @@ import sys
 
 from . import SUITES, common, load
 
-# targets no suite here measures, so the page says where they are
-ELSEWHERE = ["training step with packing >= 1.5x the padded step at <= 0.8x its memory: measured by `fastvl train`, "
-             "not by the benchmark suites"]
-
 
 def suite_rows(folder, name):
     """(rows, complete) of a suite in ``folder``; ([], False) when it left nothing."""
@@ -88,7 +84,6 @@ def render(folder):
         timed = common.measured(rows)
         if timed:
             tables += ["", f"### {name}{note}", "", "```", common.format_table(timed, module.COLUMNS), "```"]
-    out += [f"- {line}" for line in ELSEWHERE]
     out += ["", "## Tables"] + tables
     return "\n".join(out) + "\n"
 

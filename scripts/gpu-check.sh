@@ -109,9 +109,10 @@ step pytest 120 "$py" -m pytest -m gpu -q -p no:cacheprovider -c "$repo/pytest.i
 # suites: the new whole-model and tower results first, the op suites (which overlap) last; attention on
 # the packs its targets name. A dry run runs them in one process (tiny shapes: imports would dominate).
 if [ $dry = 1 ]; then
-    step suites 60 "$py" -m fastvl.cli bench --suite vit-train,model,attention,compression,ops --quick --out "$res"
+    step suites 90 "$py" -m fastvl.cli bench --suite vit-train,train,model,attention,compression,ops --quick --out "$res"
 else
     step vit-train 50 "$py" -m fastvl.cli bench --suite vit-train --out "$res"
+    step train 45 "$py" -m fastvl.cli bench --suite train --out "$res"
     step model 110 "$py" -m fastvl.cli bench --suite model --out "$res"
     step attention 100 "$py" -m fastvl.cli bench --suite attention --case '16k|64x256' --out "$res"
     step compression 45 "$py" -m fastvl.cli bench --suite compression --out "$res"

@@ -66,7 +66,7 @@ def test_speedups_name_their_baseline():
 def test_cli_lists_suites_and_rejects_unknown_ones(capsys):
     assert cli(["bench", "--list"]) == 0
     listed = capsys.readouterr().out
-    assert all(f"{name}:" in listed for name in ("ops", "attention", "compression", "model", "vit-train"))
+    assert all(f"{name}:" in listed for name in ("ops", "attention", "compression", "model", "vit-train", "train"))
     assert "timed on this cpu" in listed and "CUDA only" in listed
     assert cli(["bench", "--suite", "ops,nope"]) == 2
     assert "unknown suite 'nope'" in capsys.readouterr().err
@@ -97,7 +97,7 @@ def test_summary_page_marks_steps_targets_and_partial_suites(tmp_path):
     assert "12 passed, 3 skipped" in text
     assert "fastvl tokens/s vs hf-sdpa: 1.60x (target >= 1.5x): met (cut short" in text
     assert "fastvl peak memory vs hf-sdpa: 0.800x (target <= 0.7x): NOT MET" in text
-    assert "- model: no results" in text and "fastvl train" in text
+    assert "- model: no results" in text and "- train: no results" in text
 
 
 def test_a_failing_suite_fails_the_run_but_not_the_others(tmp_path, monkeypatch, capsys):

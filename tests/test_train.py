@@ -1,8 +1,10 @@
 """Training runs: stage freezing, one-process outputs (metrics, summary, plot, checkpoints, final model), bad
 data, and 2-rank torchrun runs on CPU/gloo (DDP, FSDP2, ZeRO-2, ZeRO-3) with mixed text-only/image ranks and a
-SIGKILL + --resume that ends bit-identical to an uninterrupted run."""
+SIGKILL + --resume that ends bit-identical to an uninterrupted run; packed runs (one process with an exact resume,
+two ranks sharing the micro-batches)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -131,7 +133,7 @@ def test_one_process_run_outputs_and_resume_guard(setup, tmp_path, capsys):
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
-        assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"} <= row.keys()
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "padding_fraction"} <= row.keys()
         assert row["lrs"]["projector"] <= 1e-3 and torch.isfinite(torch.tensor(row["loss"]))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 3 and summary["world_size"] == 1 and summary["final_loss"] == rows[-1]["loss"]
@@ -147,6 +149,32 @@ def test_one_process_run_outputs_and_resume_guard(setup, tmp_path, capsys):
     capsys.readouterr()
     assert cli(["train", str(tmp_path / "run.yaml"), "--output_dir", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_packed_run_and_exact_resume(setup, tmp_path, capsys):
+    """--packing: no padding, and a resume from a mid-run checkpoint ends bit-identical to the uninterrupted run."""
+    root, data = setup
+    args = [*data, "--packing", "--max_tokens_per_batch", "200", "--model_max_length", "200", "--max_steps", "6",
+            "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--save_steps", "2",
+            "--dataloader_num_workers", "0", "--seed", "0", "--max_bad_fraction", "0.5"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert cli(["train", *args, "--output_dir", str(full)]) == 0
+    rows = metrics(full)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(r["padding_fraction"] == 0 and r["tokens_per_s"] > 0 for r in rows)
+    summary = json.loads((full / "train_summary.json").read_text())
+    assert summary["samples"] > 6 * 2  # several samples per micro-batch
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
+    assert cli(["train", *args, "--output_dir", str(resumed), "--resume"]) == 0
+    got, want = weights(resumed), weights(full)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in rows]
+    other = list(args)
+    other[other.index("--max_tokens_per_batch") + 1] = "300"
+    assert cli(["train", *other, "--output_dir", str(resumed), "--resume"]) != 0
+    assert "max_tokens_per_batch" in capsys.readouterr().err  # the data position depends on it
 
 
 def test_too_many_bad_records_stop_with_their_names(setup, tmp_path, capsys):
@@ -214,6 +242,20 @@ def test_sigkill_and_resume_is_bit_identical(setup, ddp_run, tmp_path):
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(reference)]
+
+
+@pytest.mark.slow
+def test_packed_ddp_ranks_share_the_micro_batches(setup, tmp_path):
+    """Two ranks measure the records' sizes in shares, gather them and train on disjoint packed micro-batches."""
+    root, data = setup
+    out = tmp_path / "packed"
+    run_ranks([*data, "--output_dir", str(out), "--packing", "--max_tokens_per_batch", "200", "--model_max_length",
+               "200", "--max_steps", "3", "--logging_steps", "1", "--dataloader_num_workers", "1", "--seed", "0",
+               "--max_bad_fraction", "0.5"])
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert summary["samples"] + sum(summary["records_skipped"].values()) > 3 * 2  # several records per micro-batch
+    assert all(r["padding_fraction"] == 0 and torch.isfinite(torch.tensor(r["loss"])) for r in metrics(out))
 
 
 @pytest.mark.slow

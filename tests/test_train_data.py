@@ -1,5 +1,6 @@
 """Training data: bad records as named errors (direct use) and counted skips (training), the collator's filler
-row and all-ignored batches, dataset lists with sampling strategies, the resumable sampler, the arguments."""
+row and all-ignored batches, dataset lists with sampling strategies, the resumable sampler, token-budget packing,
+the arguments."""
 import json
 
 import pytest
@@ -8,7 +9,8 @@ from PIL import Image
 
 from fastvl.data import IGNORE_INDEX, LlavaDataset, MissingImageError, NativeResolutionProcessor, SampleError
 from fastvl.train import parse_args
-from fastvl.train.data import ResumableSampler, SkippingDataset, TrainCollator, build_dataset, filler_sample
+from fastvl.train.data import (PackedBatches, ResumableSampler, SkippingDataset, TrainCollator, best_fit_decreasing,
+                               build_dataset, filler_sample, sample_sizes)
 from fastvl.models import FastVLConfig, FastVLForConditionalGeneration
 from fastvl.train.demo import draw, tokenizer
 from fastvl.train.engine import deepspeed_config
@@ -173,6 +175,67 @@ def test_resumable_sampler_continues_the_same_order():
         assert full != list(range(rank, 23, 2))  # shuffled
 
 
+def test_sample_sizes_from_headers_and_packed_collator(folder, tok, model):
+    """Sizes measured without decoding pixels match the samples; a packed batch has no padding."""
+    records = [{"image": "ok.png", "conversations": QA}, {"conversations": TEXT}, {"image": "gone.png",
+                                                                                     "conversations": QA}]
+    data = dataset(folder, records, tok, model)
+    _, counts, _ = data_settings(model, parse_args_stub())
+    sizes = sample_sizes(data, counts.vit_patches)
+    assert sizes[2] is None  # cannot become a sample: skipped when loaded
+    for size, sample in zip(sizes[:2], (data[0], data[1])):
+        assert size == (sample["input_ids"].numel(), counts.vit_patches(sample))
+    assert sizes[0][1] == data[0]["pixel_values"].shape[0] > 0 and sizes[1][1] == 0
+    processor, *_ = data_settings(model, parse_args_stub())
+    filler = filler_sample(processor, counts, model.config.image_token_id, tok.pad_token_id)
+    skipping = SkippingDataset(data)
+    batch = TrainCollator(tok, filler, packed=True)([skipping[0], skipping[1], skipping[2]])
+    assert batch["input_ids"].shape == (1, sizes[0][0] + sizes[1][0]) and "attention_mask" not in batch
+    assert batch["num_padding"] == 0 and batch["num_slots"] == batch["input_ids"].numel()
+    assert batch["cu_seq_lens_q"].tolist() == [0, sizes[0][0], sizes[0][0] + sizes[1][0]]
+    padded = TrainCollator(tok, filler)([skipping[0], skipping[1]])
+    assert padded["num_padding"] == sizes[0][0] - sizes[1][0] and padded["num_items"] == batch["num_items"]
+
+
+def test_best_fit_decreasing():
+    items = [(10 + i, tokens, patches) for i, (tokens, patches) in enumerate(
+        [(5, 0), (7, 4), (3, 4), (9, 0), (2, 1), (4, 8), (12, 2), (1, 0)])]
+    size = {i: (t, p) for i, t, p in items}
+    bins = best_fit_decreasing(items, 10)
+    assert sorted(i for b in bins for i in b) == sorted(size)
+    assert [16] in bins  # 12 tokens > 10: alone in its bin
+    assert all(sum(size[i][0] for i in b) <= 10 for b in bins if b != [16])
+    assert len(bins) == 5  # 43 tokens, 12 of them alone: the best possible
+    assert all(b == sorted(b, key=[i for i, _, _ in items].index) for b in bins)  # items keep their order
+    capped = best_fit_decreasing(items, 10, max_patches=8)
+    assert all(sum(size[i][1] for i in b) <= 8 for b in capped)
+    assert [15] in best_fit_decreasing(items, 10, max_patches=3)  # 8 patches > 3: alone in its bin
+
+
+def test_packed_batches_are_seeded_shared_out_and_resume():
+    sizes = [(1 + (7 * i) % 13, i % 3) for i in range(40)] + [None]
+    plans = [PackedBatches(sizes, 2, rank, seed=3, max_tokens=16, window=16) for rank in (0, 1)]
+    for epoch in (0, 1):
+        everything = plans[0].plan(epoch)
+        assert sorted(i for b in everything for i in b) == list(range(41))  # each record once
+        assert all(sum(sizes[i][0] for i in b if sizes[i]) <= 16 for b in everything)
+        mine = []
+        for sampler in plans:
+            sampler.set_epoch(epoch)
+            mine.append(list(sampler))
+            assert len(sampler) == len(mine[-1]) == len(everything) // 2
+            sampler.set_epoch(epoch, start=3)
+            assert list(sampler) == mine[-1][3:] and len(sampler) == len(mine[-1]) - 3
+        assert not set(map(tuple, mine[0])) & set(map(tuple, mine[1]))  # ranks share nothing
+    assert plans[0].plan(0) != plans[0].plan(1)
+    assert PackedBatches(sizes, 2, 0, seed=3, max_tokens=16, window=16).plan(1) == plans[1].plan(1)  # seeded
+    assert PackedBatches(sizes, 2, 0, seed=4, max_tokens=16, window=16).plan(1) != plans[1].plan(1)
+    # the order stays random: the first window's records pack among themselves
+    order = torch.randperm(41, generator=torch.Generator().manual_seed(3)).tolist()
+    first = {i for b in plans[0].plan(0) for i in b if i in order[:16]}
+    assert first == set(order[:16]) and sorted(order[:16]) != order[:16]
+
+
 def test_arguments_yaml_flags_and_aliases(tmp_path):
     (tmp_path / "d.json").write_text("[]")
     (tmp_path / "run.yaml").write_text(f"model_name_or_path: {tmp_path}\ndata_path: {tmp_path / 'd.json'}\n"
@@ -189,7 +252,12 @@ def test_arguments_yaml_flags_and_aliases(tmp_path):
                          (["--fsdp", "--deepspeed", "zero2"], "exclude"), (["--version", "vicuna"], "template"),
                          (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
                          (["--image_folder", str(tmp_path / "nope")], "image_folder"),
-                         (["--vision_tower", str(tmp_path)], "either")]:
+                         (["--vision_tower", str(tmp_path)], "either"),
+                         (["--packing"], "max_tokens_per_batch.*required"),
+                         (["--packing", "--max_tokens_per_batch", "100"], "max_tokens_per_batch.*model_max_length"),
+                         (["--max_tokens_per_batch", "4096"], "max_tokens_per_batch.*needs --packing"),
+                         (["--packing", "--max_tokens_per_batch", "4096", "--max_patches_per_batch", "0"],
+                          "max_patches_per_batch")]:
         with pytest.raises(ValueError, match=match):
             parse_args([str(tmp_path / "run.yaml"), *flags])
     (tmp_path / "typo.yaml").write_text("learning_rat: 1\n")

@@ -125,26 +125,42 @@ class LlavaDataset(torch.utils.data.Dataset):
                               f"got {reprlib.repr(record.get('image'))}", "malformed_record")
         return names
 
-    def _open_image(self, name, where):
+    def _image_path(self, name, where):
         if self.image_folder is None:
             raise MissingImageError(f"{where}: has images but image_folder is None")
         path = os.path.join(self.image_folder, name)
         if not os.path.isfile(path):
             raise MissingImageError(f"{where}: image {path!r} not found")
+        return path
+
+    def _open_image(self, name, where, pixels=True):
+        """The image as a PIL RGB image, or with ``pixels=False`` its (width, height) read from its header."""
+        path = self._image_path(name, where)
         try:
             with Image.open(path) as image:
+                if not pixels:
+                    return image.size
                 image.load()  # before the file closes
                 return to_pil(image)
         except Exception as e:  # a corrupt file can make PIL raise nearly anything (OSError, SyntaxError, ...)
             raise SampleError(f"{where}: image {path!r} cannot be read ({type(e).__name__}: {e})", "bad_image") from e
 
     def __getitem__(self, index):
+        return self._sample(index, pixels=True)
+
+    def layout(self, index):
+        """``self[index]`` without the pixels (``pixel_values`` an empty [rows, 0] tensor; the processor's
+        ``layout``): its tokens and image rows at the cost of tokenizing, image headers only. Raises the
+        SampleError ``self[index]`` raises, except for faults found only by decoding an image."""
+        return self._sample(index, pixels=False)
+
+    def _sample(self, index, pixels):
         record = self.record(index)
         where = self._where(index, record)
         names = self._image_names(record, where)
-        images = [self._open_image(n, where) for n in names]
+        images = [self._open_image(n, where, pixels) for n in names]
         try:
-            processed = self.processor(images)
+            processed = self.processor(images) if pixels else self.processor.layout(images)
         except ValueError as e:  # e.g. an aspect ratio the processor refuses
             raise SampleError(f"{where}: an image cannot be processed ({e})", "bad_image") from e
         counts = (list(self.num_image_tokens(processed)) if callable(self.num_image_tokens)
@@ -169,27 +185,29 @@ class Collator:
     """Batches samples: ``input_ids`` right-padded with the tokenizer's pad id, ``labels`` with IGNORE_INDEX,
     ``attention_mask`` (int64, 1 on real tokens); every other tensor (``pixel_values``, ``image_grid_thw``) is
     concatenated over the batch, so the vision tower runs once over all images, in sample order; other values
-    (``crops_per_image``) must agree across the batch and are passed on."""
+    (``crops_per_image``) must agree across the batch and are passed on.
 
-    def __init__(self, tokenizer):
+    ``packed=True``: no padding: the samples in one row as ``transformers.DataCollatorWithFlattening`` lays them
+    out (``input_ids``/``labels`` [1, ΣL], ``labels`` IGNORE_INDEX on each sample's first token, ``position_ids``
+    restarting at 0, ``cu_seq_lens_q``/``cu_seq_lens_k`` and ``max_length_q``/``max_length_k``), no attention mask.
+    """
+
+    def __init__(self, tokenizer, packed=False):
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token (set tokenizer.pad_token)")
         self.pad_token_id = tokenizer.pad_token_id
+        self.flatten = None
+        if packed:
+            from transformers import DataCollatorWithFlattening
+
+            self.flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=IGNORE_INDEX)
 
     def __call__(self, samples):
         if not samples:
             raise ValueError("samples: empty batch")
-        lengths = [s["input_ids"].numel() for s in samples]
-        batch = {
-            "input_ids": torch.full((len(samples), max(lengths)), self.pad_token_id, dtype=torch.int64),
-            "labels": torch.full((len(samples), max(lengths)), IGNORE_INDEX, dtype=torch.int64),
-            "attention_mask": torch.zeros(len(samples), max(lengths), dtype=torch.int64),
-        }
-        for row, (sample, n) in enumerate(zip(samples, lengths)):
-            batch["input_ids"][row, :n] = sample["input_ids"]
-            batch["labels"][row, :n] = sample["labels"]
-            batch["attention_mask"][row, :n] = 1
-        for key in sorted(set().union(*samples) - batch.keys()):
+        text = self._pack(samples) if self.flatten is not None else self._pad(samples)
+        batch = dict(text)
+        for key in sorted(set().union(*samples) - {"input_ids", "labels"}):
             if any(key not in s for s in samples):
                 raise ValueError(f"samples: {key!r} is missing from some samples")
             values = [s[key] for s in samples]
@@ -200,3 +218,21 @@ class Collator:
             else:
                 batch[key] = values[0]
         return batch
+
+    def _pad(self, samples):
+        lengths = [s["input_ids"].numel() for s in samples]
+        batch = {
+            "input_ids": torch.full((len(samples), max(lengths)), self.pad_token_id, dtype=torch.int64),
+            "labels": torch.full((len(samples), max(lengths)), IGNORE_INDEX, dtype=torch.int64),
+            "attention_mask": torch.zeros(len(samples), max(lengths), dtype=torch.int64),
+        }
+        for row, (sample, n) in enumerate(zip(samples, lengths)):
+            batch["input_ids"][row, :n] = sample["input_ids"]
+            batch["labels"][row, :n] = sample["labels"]
+            batch["attention_mask"][row, :n] = 1
+        return batch
+
+    def _pack(self, samples):
+        if any(s["input_ids"].numel() == 0 for s in samples):
+            raise ValueError("samples: a packed batch takes no empty sample")
+        return self.flatten([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])

@@ -189,6 +189,12 @@ class NativeResolutionProcessor:
         x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (t, p, p))
         return x.reshape(gh * gw, self.row_size), (1, gh, gw)
 
+    def layout(self, sizes):
+        """What ``__call__`` returns for images of these (width, height) sizes, without reading them:
+        ``pixel_values`` an empty [rows, 0] tensor with the rows the images would give."""
+        grid = torch.tensor([self.grid_thw(h, w) for w, h in sizes], dtype=torch.int64).reshape(-1, 3)
+        return {"pixel_values": torch.empty(int(grid.prod(1).sum()), 0), "image_grid_thw": grid}
+
     def __call__(self, images):
         out = [self._patches(im) for im in _image_list(images)]
         pixel_values = np.concatenate([p for p, _ in out]) if out else np.zeros((0, self.row_size), np.float32)
@@ -228,6 +234,12 @@ class FixedResolutionProcessor:
             square = square.resize((2 * s, 2 * s), Image.BICUBIC)
             crops += [square.crop((x, y, x + s, y + s)) for y in (0, s) for x in (0, s)]
         return [_normalize(c, self.mean, self.std) for c in crops]
+
+    def layout(self, sizes):
+        """What ``__call__`` returns for images of these (width, height) sizes, without reading them:
+        ``pixel_values`` an empty [crops, 0] tensor with the rows the images would give."""
+        return {"pixel_values": torch.empty(len(sizes) * self.crops_per_image, 0),
+                "crops_per_image": self.crops_per_image}
 
     def __call__(self, images):
         crops = [c for im in _image_list(images) for c in self._crops(im)]

@@ -2,15 +2,18 @@
 import os
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 
 from .. import ops
+from ..data.conversation import IGNORE_INDEX
 from ..nn import DeepStack
 from ..nn.modules import replace_hidden
 from .compressor import build_compressor
 from .configuration import FastVLConfig
 from .embq import EmbQ
+from .packing import find_samples, sample_positions
 from .rope import MultimodalRotary, mrope_positions
 from .vision import build_vision_tower
 
@@ -148,12 +151,30 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
         inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, question_mask=None,
         pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, **kwargs,
     ):
-        """Other keyword arguments (the KV cache among them) go to the language model."""
+        """Other keyword arguments (the KV cache among them) go to the language model.
+
+        A packed batch (``DataCollatorWithFlattening``'s layout: batch size 1, ``position_ids`` restarting at 0 for
+        each sample and/or its ``cu_seq_lens_q``/``cu_seq_lens_k``/``max_length_q``/``max_length_k``; the images of
+        all samples in order) computes what the padded batch of the same samples computes: attention, M-RoPE
+        positions and EmbQ stay within each sample, and the first label of each sample is never a target. Its
+        language model must run the ``"fastvl"`` attention (ValueError otherwise). ``logits_to_keep="supervised"``
+        (with ``labels``): logits only where the next label is a target, flattened to [targets, vocab], and the loss
+        from them.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if self.deepstack is not None:
             self.deepstack.disarm()
         self._embq_state = None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = 0 if cache is None else cache.get_seq_length()
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        samples = find_samples(batch, length, attention_mask, position_ids, kwargs.pop("cu_seq_lens_q", None),
+                               kwargs.pop("cu_seq_lens_k", None), past)
+        for name in ("max_length_q", "max_length_k"):
+            kwargs.pop(name, None)
+        if samples.packed:
+            self._check_packed_attention(len(samples.spans))
         visuals = self._visual_inputs(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if visuals and input_ids is None:
             raise ValueError("pixel_values need input_ids, which mark where the image tokens go")
@@ -162,24 +183,56 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
             for _, token, *_ in visuals:
                 text = text.masked_fill(input_ids == token, 0)
             inputs_embeds = self.get_input_embeddings()(text)
-        samples = None
+        images = None
         if visuals:
-            inputs_embeds, samples = self._place_visuals(input_ids, inputs_embeds, visuals)
+            inputs_embeds, images = self._place_visuals(input_ids, inputs_embeds, visuals, samples)
         if self.embq is not None and input_ids is not None:
-            inputs_embeds = self._place_queries(input_ids, inputs_embeds, attention_mask, question_mask, samples)
+            inputs_embeds = self._place_queries(input_ids, inputs_embeds, attention_mask, question_mask, images,
+                                                samples)
         rotary = self.get_decoder().rotary_emb if self.config.mrope_section is not None else None
         if rotary is not None:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
             position_ids, rotary.positions = self._mrope(
-                input_ids, attention_mask, position_ids, visuals, second_per_grid_ts, inputs_embeds, cache)
+                input_ids, attention_mask, position_ids, visuals, second_per_grid_ts, inputs_embeds, past, samples)
+        if samples.packed:
+            if position_ids is None or position_ids.dim() == 3:
+                position_ids = sample_positions(samples, inputs_embeds.device)
+            cu = samples.cu.to(inputs_embeds.device)
+            kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=samples.longest,
+                          max_length_k=samples.longest)
+            if labels is not None:  # the last token of a sample predicts nothing of the next one
+                starts = torch.tensor([lo for _, lo, _ in samples.spans], device=labels.device)
+                labels = labels.index_fill(1, starts, IGNORE_INDEX)
+        keep_supervised = isinstance(logits_to_keep, str)
+        if keep_supervised:
+            if logits_to_keep != "supervised" or labels is None:
+                raise ValueError(f"logits_to_keep: an int, a tensor, or 'supervised' (with labels), got "
+                                 f"{logits_to_keep!r}{'' if labels is not None else ' without labels'}")
+            targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+            logits_to_keep = targets != IGNORE_INDEX
         try:
-            return self.language_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+            out = self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                labels=None if keep_supervised else labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                **kwargs,
             )
         finally:
             if rotary is not None:
                 rotary.positions = None
+        if keep_supervised:
+            out["loss"] = self.language_model.loss_function(
+                logits=out.logits, labels=None, vocab_size=out.logits.shape[-1], shift_labels=targets[logits_to_keep],
+                **kwargs)
+        return out
+
+    def _check_packed_attention(self, num_samples):
+        from ..integrations.attention import NAME
+
+        used = self.language_model.config._attn_implementation
+        if num_samples > 1 and used != NAME:
+            raise ValueError(
+                f'attn_implementation: a packed batch needs the language model on "{NAME}" attention, which attends '
+                f'within each sample; it runs "{used}". Switch it with fastvl.integrations.register_attention(); '
+                f'model.set_attn_implementation({{"text_config": "{NAME}"}})')
 
     def _visual_inputs(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
         """[(kind, token id, pixel values, grid)] of the images and videos given with at least one row."""
@@ -194,17 +247,17 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
             visuals.append((name, token, pixels, grid))
         return visuals
 
-    def _place_visuals(self, input_ids, embeds, visuals):
+    def _place_visuals(self, input_ids, embeds, visuals, samples):
         """Scatter the image and video tokens and arm DeepStack. With EmbQ, returns per sample (its ViT
         image tokens, the LLM tokens of its first image), both None for a sample without images."""
-        index, groups, samples = [], [], None
+        index, groups, images = [], [], None
         for kind, token, pixels, grid in visuals:
             main, stacked, vit_tokens, vit_per_image = self.encode_images(pixels, grid)
             mask = input_ids == token
-            per_sample = mask.sum(1).tolist()
-            if sum(per_sample) != main.shape[0]:
+            found = int(mask.sum())
+            if found != main.shape[0]:
                 raise ValueError(
-                    f"input_ids hold {sum(per_sample)} {kind} tokens (id {token}) but the {kind}s give "
+                    f"input_ids hold {found} {kind} tokens (id {token}) but the {kind}s give "
                     f"{main.shape[0]} (expand each placeholder to num_image_tokens(...) tokens)"
                 )
             embeds = embeds.masked_scatter(mask[..., None], main.to(embeds.dtype))
@@ -212,13 +265,16 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
                 index.append(mask.reshape(-1).nonzero().squeeze(1))
                 groups.append(stacked)
             if self.embq is not None:
-                samples = self._images_per_sample(per_sample, self.num_image_tokens(grid if grid is not None
-                                                                                    else pixels),
-                                                  vit_tokens.split(vit_per_image))
+                counts = F.pad(mask.reshape(-1).cumsum(0), (1, 0)).tolist()
+                length = input_ids.shape[1]
+                per_sample = [counts[row * length + hi] - counts[row * length + lo] for row, lo, hi in samples.spans]
+                images = self._images_per_sample(per_sample, self.num_image_tokens(grid if grid is not None
+                                                                                   else pixels),
+                                                 vit_tokens.split(vit_per_image))
         if groups:
             # the rows of this batch's own image tokens: valid by construction, no host sync per layer
             self.deepstack.arm(torch.cat(index), torch.cat(groups, 1), check_index=False)
-        return embeds, samples
+        return embeds, images
 
     def _images_per_sample(self, per_sample, llm_per_image, vit_per_image):
         """Consecutive images fill each sample's image tokens; EmbQ reads them (``embq_image``)."""
@@ -243,29 +299,28 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
                 samples.append((torch.cat([vit_per_image[i] for i in owned]), llm_per_image[owned[0]]))
         return samples
 
-    def _place_queries(self, input_ids, embeds, attention_mask, question_mask, samples):
+    def _place_queries(self, input_ids, embeds, attention_mask, question_mask, images, samples):
         """Add the learned queries at the query placeholders; arm EmbQ for samples with images."""
-        first_image = None if samples is None else [first for _, first in samples]
-        blocks = self._query_blocks(input_ids, attention_mask, question_mask, first_image)
+        first_image = None if images is None else [first for _, first in images]
+        blocks = self._query_blocks(input_ids, attention_mask, question_mask, first_image, samples.spans)
         if not blocks:
             return embeds
-        n, length = self.config.num_query_tokens, input_ids.shape[1]
-        rows = [torch.arange(b * length + p, b * length + p + n, device=input_ids.device) for b, p, _ in blocks]
+        n = self.config.num_query_tokens
+        rows = [torch.arange(p, p + n, device=input_ids.device) for _, p, _ in blocks]
         queries = self.embq.query_tokens.to(embeds.dtype).repeat(len(blocks), 1)
         embeds = ops.deepstack_add(embeds, torch.cat(rows), queries)
-        if samples is not None:
-            state = [
-                (block_rows, torch.tensor([b * length + i for i in text], dtype=torch.long, device=input_ids.device),
-                 samples[b][0])
-                for block_rows, (b, _, text) in zip(rows, blocks) if samples[b][0] is not None
-            ]
+        if images is not None:
+            state = [(block_rows, torch.tensor(text, dtype=torch.long, device=input_ids.device), images[s][0])
+                     for block_rows, (s, _, text) in zip(rows, blocks) if images[s][0] is not None]
             self._embq_state = state or None
         return embeds
 
-    def _query_blocks(self, input_ids, attention_mask=None, question_mask=None, first_image=None):
-        """[(sample, first position, question positions)] of every query block, computed on the host.
+    def _query_blocks(self, input_ids, attention_mask=None, question_mask=None, first_image=None, spans=None):
+        """[(sample, first position, question positions)] of every query block, computed on the host; positions
+        index the flattened [B*L] tokens.
 
-        ``first_image``: per sample, the LLM tokens of its first image (None: no image; all None when not given).
+        ``first_image``: per sample, the LLM tokens of its first image (None: no image; all None when not given);
+        ``spans``: (row, start, end) of each sample (default: one per row).
         """
         config = self.config
         q, image, n = config.query_token_id, config.image_token_id, config.num_query_tokens
@@ -276,41 +331,45 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
                     raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, got {list(m.shape)}")
                 keep &= m.bool()
         real = torch.ones_like(keep) if attention_mask is None else attention_mask.bool()
-        first_image = first_image or [None] * input_ids.shape[0]
+        length = input_ids.shape[1]
+        spans = spans or [(b, 0, length) for b in range(input_ids.shape[0])]
+        first_image = first_image or [None] * len(spans)
+        all_ids, all_keep, all_real = input_ids.tolist(), keep.tolist(), real.tolist()
         blocks = []
-        for b, (ids, ok) in enumerate(zip(input_ids.tolist(), keep.tolist())):
-            if config.embq_without_image == "plain" and first_image[b] is None:
+        for s, (row, lo, hi) in enumerate(spans):
+            if config.embq_without_image == "plain" and first_image[s] is None:
                 continue  # FlashSloth without an image: plain LLM, query tokens are ordinary tokens
+            ids, ok, base = all_ids[row][lo:hi], all_keep[row][lo:hi], row * length + lo
             own, start, run = [], 0, 0
             for i, token in enumerate(ids + [None]):
                 if token == q:
                     if run % n == 0:
-                        own.append((b, i, [j for j in range(start, i) if ok[j]]))
+                        own.append((s, base + i, [base + j for j in range(start, i) if ok[j]]))
                     run += 1
                     start = i + 1
                     continue
                 if run % n:
-                    raise ValueError(f"input_ids: a run of {run} query tokens in sample {b} is not a multiple of {n}")
+                    raise ValueError(f"input_ids: a run of {run} query tokens in sample {s} is not a multiple of {n}")
                 run = 0
                 if token == image:
                     start = i + 1
             if own and config.embq_question_start is not None:
                 # FlashSloth: counted in the unpadded sample from a fixed prompt length, past the first image and
                 # the newline after it, up to the first block; every block reads that span
-                unpadded = real[b].nonzero().squeeze(1).tolist()
-                lo = config.embq_question_start + (0 if first_image[b] is None else first_image[b] + 1)
-                text = [i for i in unpadded[lo:unpadded.index(own[0][1])] if ok[i]]
-                own = [(b, p, text) for b, p, _ in own]
+                unpadded = [i for i, r in enumerate(all_real[row][lo:hi]) if r]
+                first = config.embq_question_start + (0 if first_image[s] is None else first_image[s] + 1)
+                text = [base + i for i in unpadded[first:unpadded.index(own[0][1] - base)] if ok[i]]
+                own = [(s, p, text) for s, p, _ in own]
             blocks += own
         return blocks
 
-    def _mrope(self, input_ids, attention_mask, position_ids, visuals, second_per_grid_ts, embeds, cache):
+    def _mrope(self, input_ids, attention_mask, position_ids, visuals, second_per_grid_ts, embeds, past, samples):
         """(position_ids for the LLM, M-RoPE positions [3, B, L]); prefill computes them from the ids and stores
-        the decoding offsets, later steps add those to the text positions."""
+        the decoding offsets, later steps add those to the text positions. Each sample of a packed batch gets
+        its positions as if it were alone."""
         if position_ids is not None and position_ids.dim() == 3:  # [3, B, L] or [text; 3 axes]
             return (position_ids[0] if position_ids.shape[0] == 4 else None), position_ids[-3:]
         batch, length = embeds.shape[:2]
-        past = 0 if cache is None else cache.get_seq_length()
         if input_ids is not None and past == 0:
             grids = {}
             for kind, token, pixels, grid in visuals:
@@ -322,8 +381,17 @@ class FastVLForConditionalGeneration(FastVLPreTrainedModel, GenerationMixin):
                 else:
                     steps = [1] * len(llm)
                 grids[token] = [(*row, step) for row, step in zip(llm, steps)]
-            rope, self._rope_deltas = mrope_positions(input_ids, attention_mask, grids)
-            return position_ids, rope
+            if not samples.packed:
+                rope, self._rope_deltas = mrope_positions(input_ids, attention_mask, grids)
+                return position_ids, rope
+            # one padded row per sample, then back to the packed row
+            ids = torch.nn.utils.rnn.pad_sequence([input_ids[row, lo:hi] for row, lo, hi in samples.spans], True)
+            real = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+            for i, (_, lo, hi) in enumerate(samples.spans):
+                real[i, :hi - lo] = True
+            rope, _ = mrope_positions(ids, real, grids)
+            self._rope_deltas = None
+            return position_ids, rope[:, real].view(3, 1, length)
         if position_ids is not None:
             text = position_ids
         elif attention_mask is not None:

@@ -52,7 +52,12 @@ class TrainArguments:
     output_dir: str | None = _arg(None, "checkpoints, metrics and the final model")
     tune_parts: str | None = _arg(None, f"comma-separated parts to train among {', '.join(PARTS)} "
                                   "(default: all but the vision tower)", aliases=["--mm_tunable_parts"])
-    per_device_train_batch_size: int = _arg(8, "samples per rank and micro-batch")
+    per_device_train_batch_size: int = _arg(8, "samples per rank and micro-batch (unused with --packing)")
+    packing: bool = _arg(False, "micro-batches of --max_tokens_per_batch LLM tokens, samples packed without padding")
+    max_tokens_per_batch: int | None = _arg(None, "with --packing: LLM tokens per micro-batch (>= model_max_length)")
+    max_patches_per_batch: int | None = _arg(None, "with --packing: ViT patches per micro-batch at most (a sample "
+                                             "above it alone forms one); default: no limit")
+    packing_window: int = _arg(2048, "with --packing: records packed together, from each epoch's shuffled order")
     gradient_accumulation_steps: int = _arg(1, "micro-batches per optimizer step")
     learning_rate: float = _arg(5e-5, "peak learning rate (LLM, EmbQ, and parts without their own)")
     mm_projector_lr: float | None = _arg(None, "learning rate of the projector/compressor")
@@ -109,6 +114,16 @@ class TrainArguments:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length",
                      "logging_steps"):
             need(name, getattr(self, name) > 0, "must be positive")
+        if self.packing:
+            need("max_tokens_per_batch", self.max_tokens_per_batch is not None
+                 and self.max_tokens_per_batch >= self.model_max_length,
+                 f"is required with --packing and must be at least --model_max_length ({self.model_max_length})")
+            need("max_patches_per_batch", self.max_patches_per_batch is None or self.max_patches_per_batch > 0,
+                 "must be positive")
+            need("packing_window", self.packing_window > 0, "must be positive")
+        else:
+            for name in ("max_tokens_per_batch", "max_patches_per_batch"):
+                need(name, getattr(self, name) is None, "needs --packing")
         for name in ("dataloader_num_workers", "save_steps", "warmup_steps"):
             need(name, getattr(self, name) >= 0, "must not be negative")
         for name in ("learning_rate", "mm_projector_lr", "mm_vision_tower_lr", "weight_decay", "max_grad_norm",

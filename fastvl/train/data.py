@@ -1,10 +1,12 @@
 """Training data: datasets from a LLaVA file or a YAML list, bad records turned into counted skips, the
-batch collator, and a sampler that resumes mid-epoch."""
+batch collator, a sampler that resumes mid-epoch, and token-budget packing."""
+import bisect
 import math
 import os
 import random
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from ..data import IGNORE_INDEX, Collator, LlavaDataset, SampleError
@@ -86,13 +88,15 @@ def filler_sample(processor, num_image_tokens, image_token_id, pad_token_id, que
 
 class TrainCollator:
     """Batches for training: skipped records are dropped (and reported in ``batch["skipped"]``: (cause, message)
-    pairs); a batch without images gets ``filler`` as an extra row, so every rank runs the vision tower and the
+    pairs); a batch without images gets ``filler`` as an extra sample, so every rank runs the vision tower and the
     compressor at every step (ZeRO-3 and FSDP gather their weights collectively; DDP expects every gradient).
+    ``packed``: the samples in one row without padding (``Collator(packed=True)``).
     ``num_samples``/``num_tokens`` count the real samples and their tokens; ``num_items`` the supervised tokens
-    (label positions the causal-LM loss uses: the loss is normalised by their sum over the global batch)."""
+    (label positions the causal-LM loss uses: the loss is normalised by their sum over the global batch);
+    ``num_slots`` the positions of ``input_ids``, ``num_padding`` how many of them are padding (0 when packed)."""
 
-    def __init__(self, tokenizer, filler):
-        self.collate = Collator(tokenizer)
+    def __init__(self, tokenizer, filler, packed=False):
+        self.collate = Collator(tokenizer, packed=packed)
         self.filler = filler
 
     def __call__(self, items):
@@ -101,7 +105,9 @@ class TrainCollator:
         tokens = sum(s["input_ids"].numel() for s in samples)
         rows = samples if any(s["pixel_values"].shape[0] for s in samples) else samples + [self.filler]
         batch = self.collate(rows)
-        batch.update(num_samples=len(samples), num_tokens=tokens, skipped=skipped,
+        padding = int((batch["attention_mask"] == 0).sum()) if "attention_mask" in batch else 0
+        batch.update(num_samples=len(samples), num_tokens=tokens, skipped=skipped, num_padding=padding,
+                     num_slots=batch["input_ids"].numel(),
                      num_items=int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
         return batch
 
@@ -124,3 +130,126 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
     def __len__(self):
         return self.num_samples - self.start
+
+
+# ------------------------------------------------------------------------------------------------- packing
+
+def _leaf(dataset, index):
+    """The dataset (not a Subset or ConcatDataset) and index that ``dataset[index]`` reads."""
+    while True:
+        if isinstance(dataset, torch.utils.data.Subset):
+            dataset, index = dataset.dataset, dataset.indices[index]
+        elif isinstance(dataset, torch.utils.data.ConcatDataset):
+            part = bisect.bisect_right(dataset.cumulative_sizes, index)
+            index -= dataset.cumulative_sizes[part - 1] if part else 0
+            dataset = dataset.datasets[part]
+        else:
+            return dataset, index
+
+
+class _Sizes(torch.utils.data.Dataset):
+    """(LLM tokens, ViT patches) of record ``i``, None when it raises SampleError (LlavaDataset.layout)."""
+
+    def __init__(self, dataset, vit_patches):
+        self.dataset, self.vit_patches = dataset, vit_patches
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        leaf, index = _leaf(self.dataset, index)
+        try:
+            sample = leaf.layout(index)
+        except SampleError:
+            return None
+        return sample["input_ids"].numel(), self.vit_patches(sample)
+
+
+def _items(batch):
+    return batch
+
+
+def sample_sizes(dataset, vit_patches, rank=0, world=1, workers=0):
+    """(LLM tokens, ViT patches) of every record of ``dataset`` (None for a record that cannot become a sample), from
+    its text and image headers: each rank measures a strided share in ``workers`` DataLoader workers, then the
+    ranks gather every share."""
+    loader = torch.utils.data.DataLoader(_Sizes(dataset, vit_patches), sampler=range(rank, len(dataset), world),
+                                         batch_size=None, collate_fn=_items, num_workers=workers)
+    shares = [list(loader)]
+    if dist.is_initialized():
+        mine, shares = shares[0], [None] * world
+        dist.all_gather_object(shares, mine)
+    sizes = [None] * len(dataset)
+    for r, part in enumerate(shares):
+        sizes[r::world] = part
+    return sizes
+
+
+def best_fit_decreasing(items, max_tokens, max_patches=None):
+    """Bins (lists of item ids, in ``items`` order) of ``items`` (id, tokens, patches): longest first, each into the
+    open bin with the least room left that takes its tokens and patches, else a new bin. An item alone above a
+    limit gets a bin of its own."""
+    room, bins, patch_room = [], [], []  # room: sorted (tokens left, bin); bins: positions in items
+    position = {ident: i for i, (ident, _, _) in enumerate(items)}
+    for ident, tokens, patches in sorted(items, key=lambda item: (-item[1], -item[2])):  # stable: ties keep order
+        at = bisect.bisect_left(room, (tokens, -1))
+        while at < len(room) and patch_room[room[at][1]] < patches:
+            at += 1
+        if at < len(room):
+            left, b = room.pop(at)
+        else:
+            b, left = len(bins), max_tokens
+            bins.append([])
+            patch_room.append(math.inf if max_patches is None else max_patches)
+        bins[b].append(position[ident])
+        patch_room[b] -= patches
+        bisect.insort(room, (left - tokens, b))
+    return [[items[i][0] for i in sorted(found)] for found in bins]
+
+
+class PackedBatches(torch.utils.data.Sampler):
+    """Micro-batches of record indices filled up to ``max_tokens`` LLM tokens and at most ``max_patches`` ViT
+    patches (a batch sampler). Each epoch: a seeded shuffle of every record (the same on every rank), cut into
+    windows of ``window`` records; each window packed by ``best_fit_decreasing``, its micro-batches in a seeded
+    random order; micro-batch i goes to rank i % world, every rank the same number (the rest dropped, as
+    drop_last). ``sizes``: ``sample_sizes``; a record that cannot become a sample (None) costs nothing and rides
+    along, to be counted as skipped when loaded. ``set_epoch(epoch, start)`` skips this rank's first ``start``
+    micro-batches (resume)."""
+
+    def __init__(self, sizes, num_replicas, rank, seed, max_tokens, max_patches=None, window=2048):
+        self.sizes = [(0, 0) if s is None else s for s in sizes]
+        self.world, self.rank, self.seed = num_replicas, rank, seed
+        self.max_tokens, self.max_patches, self.window = max_tokens, max_patches, window
+        self.epoch = self.start = 0
+        self._plan = (None, None)
+        self._counts = {}
+
+    def plan(self, epoch):
+        """Every micro-batch of ``epoch`` (all ranks), in order."""
+        if self._plan[0] != epoch:
+            order = torch.randperm(len(self.sizes), generator=torch.Generator().manual_seed(self.seed + epoch))
+            order, rng, batches = order.tolist(), random.Random(self.seed + epoch), []
+            for lo in range(0, len(order), self.window):
+                items = [(i, *self.sizes[i]) for i in order[lo:lo + self.window]]
+                packed = best_fit_decreasing(items, self.max_tokens, self.max_patches)
+                rng.shuffle(packed)
+                batches += packed
+            self._plan = (epoch, batches)
+            self._counts[epoch] = len(batches) // self.world
+        return self._plan[1]
+
+    def num_batches(self, epoch):
+        """Micro-batches per rank in ``epoch``."""
+        if epoch not in self._counts:
+            self.plan(epoch)
+        return self._counts[epoch]
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        mine = self.plan(self.epoch)[self.rank::self.world][:self.num_batches(self.epoch)]
+        return iter(mine[self.start:])
+
+    def __len__(self):
+        return self.num_batches(self.epoch) - self.start

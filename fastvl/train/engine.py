@@ -20,12 +20,16 @@ import torch.distributed as dist
 
 from .model import param_groups
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "position_ids",
+                "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 
 
 def model_inputs(batch, device):
-    return {"use_cache": False, **{k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}}
+    """The model's inputs on ``device``; the lm_head runs on the supervised positions only."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    return {"use_cache": False, "logits_to_keep": "supervised",
+            **{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}}
 
 
 class TorchEngine:

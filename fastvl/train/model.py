@@ -64,20 +64,27 @@ def data_settings(model, args):
 
 
 class _ImageTokens:
-    """The LLM tokens of each image of a processor output (picklable, for DataLoader workers)."""
+    """The LLM tokens of each image of a processor output (picklable, for DataLoader workers); ``vit_patches``
+    their ViT patches in all."""
 
     def __init__(self, model):
         config = model.config
-        self.tower, self.compressor = config.vision_config.tower, config.compressor
+        vision = config.vision_config
+        self.tower, self.compressor = vision.tower, config.compressor
         if config.compressor == "deepstack":
             self.compressor = f"deepstack_{config.deepstack_type}"
-        self.merge_size, self.window = config.vision_config.spatial_merge_size, config.sap_window
+        self.merge_size, self.window = vision.spatial_merge_size, config.sap_window
         self.fixed = None if self.tower == "native" else model.num_image_tokens(1)[0]
+        # ViT patches per pixel_values row: a fixed tower's crop, a native tower's input patch
+        self.row_patches = vision.input_unit ** 2 if self.tower == "native" else vision.grid_size ** 2
 
     def __call__(self, processed):
         if self.fixed is not None:
             return [self.fixed] * (processed["pixel_values"].shape[0] // processed["crops_per_image"])
         return image_token_counts(processed["image_grid_thw"], self.compressor, self.merge_size, self.window)
+
+    def vit_patches(self, processed):
+        return processed["pixel_values"].shape[0] * self.row_patches
 
 
 def part_of(name):

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from ..data import CAUSES
 from . import checkpoint
-from .data import ResumableSampler, SkippingDataset, TrainCollator, build_dataset, filler_sample
+from .data import (PackedBatches, ResumableSampler, SkippingDataset, TrainCollator, build_dataset, filler_sample,
+                   sample_sizes)
 from .engine import DeepSpeedEngine, TorchEngine
 from .model import build_model, data_settings, freeze
 
@@ -178,13 +179,45 @@ def _train(args, rank, world, device):
                             num_query_tokens=queries, max_length=args.model_max_length)
     filler = filler_sample(processor, image_tokens, model.config.image_token_id, tokenizer.pad_token_id,
                            model.config.query_token_id, queries)
-    sampler = ResumableSampler(dataset, world, rank, args.seed)
-    micro_batches = sampler.num_samples // args.per_device_train_batch_size
-    steps_per_epoch = micro_batches // args.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"data_path: {len(dataset)} records give {sampler.num_samples} per rank, less than one "
-                         f"step of {args.per_device_train_batch_size} x {args.gradient_accumulation_steps}")
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    if args.packing:  # the LLM attends within each packed sample
+        from ..integrations import register_attention
+
+        register_attention()
+        model.set_attn_implementation({"text_config": "fastvl"})
+        sampler = PackedBatches(sample_sizes(dataset, image_tokens.vit_patches, rank, world,
+                                             args.dataloader_num_workers),
+                                world, rank, args.seed, args.max_tokens_per_batch, args.max_patches_per_batch,
+                                args.packing_window)
+        micro_batches = sampler.num_batches
+    else:
+        sampler = ResumableSampler(dataset, world, rank, args.seed)
+        micro_batches = lambda epoch: sampler.num_samples // args.per_device_train_batch_size  # noqa: E731
+
+    def steps_in(epoch):
+        steps = micro_batches(epoch) // args.gradient_accumulation_steps
+        if steps == 0:
+            raise ValueError(f"data_path: {len(dataset)} records give {micro_batches(epoch)} micro-batches per rank "
+                             f"in epoch {epoch}, less than one step of {args.gradient_accumulation_steps}")
+        return steps
+
+    def locate(step):
+        """(epoch, steps done in it) of a global step count."""
+        epoch = 0
+        while step >= steps_in(epoch):
+            step -= steps_in(epoch)
+            epoch += 1
+        return epoch, step
+
+    def epochs(step):
+        epoch, done = locate(step)
+        return round(epoch + done / steps_in(epoch), 4)
+
+    if args.max_steps > 0:
+        total_steps = args.max_steps
+    else:
+        full = int(args.num_train_epochs)
+        total_steps = sum(steps_in(e) for e in range(full))
+        total_steps += math.ceil((args.num_train_epochs - full) * steps_in(full)) if args.num_train_epochs > full else 0
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
 
     model.train()
@@ -208,11 +241,16 @@ def _train(args, rank, world, device):
     step = 0
     if rank == 0:
         checkpoint.remove_partial(args.output_dir)
+    # what the data position depends on; checkpoints written without packing lack its keys
+    layout = {"world_size": world, "per_device_train_batch_size": args.per_device_train_batch_size,
+              "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+              "packing": args.packing, "max_tokens_per_batch": args.max_tokens_per_batch,
+              "max_patches_per_batch": args.max_patches_per_batch, "packing_window": args.packing_window}
+    unpacked = {"packing": False, "max_tokens_per_batch": None, "max_patches_per_batch": None, "packing_window": 2048}
     if found:
         state = checkpoint.load(found[-1], engine)
-        layout = {"world_size": world, "per_device_train_batch_size": args.per_device_train_batch_size,
-                  "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed}
-        differ = {k: (state[k], v) for k, v in layout.items() if state[k] != v}
+        differ = {k: (state.get(k, unpacked.get(k)), v) for k, v in layout.items()
+                  if state.get(k, unpacked.get(k)) != v}
         if differ:
             raise ValueError(f"--resume: {found[-1]} was written with other settings (saved, now): {differ}; the "
                              "data position depends on them")
@@ -221,29 +259,37 @@ def _train(args, rank, world, device):
     if found:
         report.say(f"resumed from {found[-1]} (step {step})")
     report.say(f"{world} rank(s), {type(engine).__name__}{' ' + args.fsdp_mode if args.fsdp_mode else ''}; "
-               f"{len(dataset)} records, {steps_per_epoch} steps per epoch, {total_steps} steps; trainable "
+               f"{len(dataset)} records, {steps_in(0)} steps in epoch 0, {total_steps} steps"
+               f"{f', packed to {args.max_tokens_per_batch} tokens per micro-batch' if args.packing else ''}; trainable "
                f"{trainable:,} parameters ({', '.join(parts)}), frozen {frozen:,}")
 
-    collator = TrainCollator(tokenizer, filler)
+    collator = TrainCollator(tokenizer, filler, packed=args.packing)
     first_bad = []  # (cause, message) of this rank's first SHOWN_BAD skipped records
     window = {"loss": torch.zeros((), dtype=torch.float64, device=device), "steps": 0, "samples": 0, "tokens": 0,
-              "start": time.time()}
+              "padding": 0, "slots": 0, "start": time.time()}
     last_loss = None
     while step < total_steps:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, in_epoch * args.gradient_accumulation_steps * args.per_device_train_batch_size)
+        epoch, in_epoch = locate(step)
+        end = step - in_epoch + steps_in(epoch)
+        skip = in_epoch * args.gradient_accumulation_steps  # micro-batches of this epoch already trained on
+        if args.packing:
+            sampler.set_epoch(epoch, skip)
+            batching = dict(batch_sampler=sampler)
+        else:
+            sampler.set_epoch(epoch, skip * args.per_device_train_batch_size)
+            batching = dict(batch_size=args.per_device_train_batch_size, sampler=sampler, drop_last=True)
         loader = torch.utils.data.DataLoader(
-            SkippingDataset(dataset), batch_size=args.per_device_train_batch_size, sampler=sampler,
-            collate_fn=collator, num_workers=args.dataloader_num_workers, drop_last=True,
-            generator=torch.Generator().manual_seed(args.seed + epoch))
+            SkippingDataset(dataset), collate_fn=collator, num_workers=args.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(args.seed + epoch), **batching)
         batches = iter(loader)
-        while step < total_steps and step // steps_per_epoch == epoch:
+        while step < min(total_steps, end):
             micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
             for b in micro:
                 for cause, message in b["skipped"][:SHOWN_BAD - len(first_bad)]:
                     print(f"[rank {rank}] skipped: {message}", file=sys.stderr)
                     first_bad.append((cause, message))
-            counts = torch.tensor([sum(b[k] for b in micro) for k in ("num_items", "num_samples", "num_tokens")]
+            keys = ("num_items", "num_samples", "num_tokens", "num_padding", "num_slots")
+            counts = torch.tensor([sum(b[k] for b in micro) for k in keys]
                                   + [sum(c == cause for b in micro for c, _ in b["skipped"]) for cause in CAUSES],
                                   dtype=torch.int64)
             counts = _all_reduce(counts.to(device)).tolist()
@@ -254,11 +300,11 @@ def _train(args, rank, world, device):
             step += 1
             totals["samples"] += counts[1]
             totals["tokens"] += counts[2]
-            for cause, n in zip(CAUSES, counts[3:]):
+            for cause, n in zip(CAUSES, counts[len(keys):]):
                 totals["skipped"][cause] += n
             window["steps"] += 1
-            window["samples"] += counts[1]
-            window["tokens"] += counts[2]
+            for name, n in zip(("samples", "tokens", "padding", "slots"), counts[1:len(keys)]):
+                window[name] += n
 
             bad = sum(totals["skipped"].values())
             seen = totals["samples"] + bad
@@ -269,19 +315,18 @@ def _train(args, rank, world, device):
                 elapsed = max(time.time() - window["start"], 1e-9)
                 last_loss = float(_all_reduce(window["loss"])) / window["steps"]
                 lrs = engine.lrs
-                record.update(epoch=round(step / steps_per_epoch, 4), loss=last_loss,
+                record.update(epoch=epochs(step), loss=last_loss,
                               lr=lrs.get("llm", next(iter(lrs.values()))), lrs=lrs, grad_norm=grad_norm,
                               tokens_per_s=window["tokens"] / elapsed, samples_per_s=window["samples"] / elapsed,
-                              skipped=bad)
+                              padding_fraction=window["padding"] / max(window["slots"], 1), skipped=bad)
                 if bad:
                     report.say(f"step {step}: records skipped so far: "
                                + ", ".join(f"{c} {n}" for c, n in totals["skipped"].items() if n))
-                window.update(loss=torch.zeros_like(window["loss"]), steps=0, samples=0, tokens=0, start=time.time())
+                window.update(loss=torch.zeros_like(window["loss"]), steps=0, samples=0, tokens=0, padding=0, slots=0,
+                              start=time.time())
             report.step(record)
             if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                state = {"step": step, "world_size": world, "per_device_train_batch_size":
-                         args.per_device_train_batch_size, "gradient_accumulation_steps":
-                         args.gradient_accumulation_steps, "seed": args.seed,
+                state = {"step": step, **layout,
                          "totals": {**totals, "wall_time_s": totals["wall_time_s"] + time.time() - began}}
                 checkpoint.save(args.output_dir, step, engine, state, args.save_total_limit)
         del batches, loader
@@ -292,7 +337,7 @@ def _train(args, rank, world, device):
         peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**20, dtype=torch.float64)
     peak = float(_all_reduce(peak.to(device), dist.ReduceOp.MAX if dist.is_initialized() else None))
     summary = {
-        "steps": step, "epochs": round(step / steps_per_epoch, 4), "samples": totals["samples"],
+        "steps": step, "epochs": epochs(step), "samples": totals["samples"],
         "tokens": totals["tokens"], "records_skipped": totals["skipped"], "skipped_examples_rank0": first_bad,
         "final_loss": last_loss, "wall_time_s": round(totals["wall_time_s"] + time.time() - began, 2),
         "peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "rss",
