@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as check
-from ._dispatch import kernel_module, reference_vjp
+from ._dispatch import custom_op, kernel_module, reference_vjp
 
 
 def varlen_attention(
@@ -74,7 +74,7 @@ def _reference(q, k, v, cu_q, cu_k, causal, scale, rope_pos, theta, return_lse=F
     )
 
 
-@torch.library.custom_op("fastvl::varlen_attention", mutates_args=())
+@custom_op("fastvl::varlen_attention", mutates_args=())
 def _forward(
     q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
     causal: bool, scale: float, rope_pos: Optional[Tensor], theta: float,
@@ -91,7 +91,7 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta):
     return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastvl::varlen_attention_backward", mutates_args=())
+@custom_op("fastvl::varlen_attention_backward", mutates_args=())
 def _backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
     max_q: int, max_k: int, causal: bool, scale: float, rope_pos: Optional[Tensor], theta: float,
