@@ -40,7 +40,8 @@ def timeable(modules, device):
     if not_here:
         line += "; not here: " + "; ".join(f"{', '.join(dict.fromkeys(n))} ({r})" for r, n in not_here.items())
     if not common.is_cuda(device):
-        line += ". fastvl ops run their PyTorch reference here (the Triton interpreter is no performance number)"
+        line += (". fastvl rows without a backend in their name run the PyTorch reference here (the Triton interpreter "
+                 "is no performance number); the native CPU backend runs in the *native rows")
     return line
 
 

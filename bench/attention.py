@@ -17,8 +17,9 @@ The torch rotary's cos/sin tables and the FlexAttention block mask are built onc
 the timings (a model shares them across its layers); fastvl computes its angles inside every call.
 
 CUDA runs bf16 on the full packs (and a pack of 64 images of 256 tokens, and head_dim 128 on the 16k pack:
-the DESIGN targets). On CPU (fp32, small packs, labelled ``cpu`` in every row and case) only the reference and
-the torch paths run: the Triton kernels would run in the interpreter, which is no performance number.
+the DESIGN targets). On CPU (fp32 and one bf16 case, small packs, labelled ``cpu`` in every row and case) the native backend
+(``fastvl-native``), the reference and the torch paths run: the Triton kernels would run in the interpreter,
+which is no performance number.
 ``python -m fastvl.bench.attention [--quick] [--out DIR] [--case REGEX]`` writes DIR/attention.json and
 DIR/attention.png.
 """

@@ -17,8 +17,8 @@ On CUDA the patch_merge parts are also timed alone: its two Triton GEMMs (fc1 an
 their fused epilogues) against torch.matmul at the same shapes, and its memory-bound norm passes against
 the copy bandwidth (the DESIGN targets: >= 90% of cuBLAS, >= 85% of copy bandwidth).
 
-CUDA runs bf16 at the embedded model shapes. On CPU only the reference and torch paths run, in fp32 on
-scaled-down shapes, and every case name says ``[cpu]``. ``python -m fastvl.bench.compression [--quick]
+CUDA runs bf16 at the embedded model shapes. On CPU the native backend (``fastvl-native``), the reference and
+the torch paths run, in fp32 at the model widths on fewer patches, and every case name says ``[cpu]``. ``python -m fastvl.bench.compression [--quick]
 [--out DIR]`` writes DIR/compression.json and DIR/compression.png.
 """
 import re
@@ -61,11 +61,11 @@ SHAPES = {  # device -> {op: [(case, parameters)]}
                                    ("siglip hd 5x27x27", dict(grids=[[27, 27]] * 5, C=1152, window=3))],
         "deepstack_add": [("llm 1536, 4x2048 tok, 3980 visual", dict(batch=4, seq=2048, C=1536, visual=995))],
     },
-    "cpu": {
-        "patch_merge": [("m=2", dict(grids=[[1, 16, 24], [1, 12, 12]], C=96, hid=384, out=192, m=2)),
-                        ("m=4", dict(grids=[[1, 16, 24], [1, 12, 12]], C=96, hid=384, out=192, m=4))],
-        "spatial_attention_pool": [("27x27", dict(grids=[[27, 27]], C=96, window=3)),
-                                   ("hd 5x27x27", dict(grids=[[27, 27]] * 5, C=96, window=3))],
+    "cpu": {  # the model widths on fewer patches
+        "patch_merge": [("qwen2vl-2b merger m=2", dict(grids=[[1, 32, 32], [1, 16, 24]], C=1280, hid=5120, out=1536, m=2)),
+                        ("deepstack-e merger m=4", dict(grids=[[1, 32, 32], [1, 16, 24]], C=1280, hid=5120, out=1536, m=4))],
+        "spatial_attention_pool": [("siglip 27x27", dict(grids=[[27, 27]], C=1152, window=3)),
+                                   ("siglip hd 5x27x27", dict(grids=[[27, 27]] * 5, C=1152, window=3))],
         "deepstack_add": [("2x512 tok", dict(batch=2, seq=512, C=256, visual=128))],
     },
     "quick": {

@@ -44,9 +44,12 @@ inline void to_float(const T* src, float* dst, int64_t n) { at::vec::convert(src
 template <typename T>
 inline void from_float(const float* src, T* dst, int64_t n) { at::vec::convert(src, dst, n); }
 
+// The D/4 inverse frequencies f_j = theta^(-4j/D) of the 2D RoPE, in double precision.
+std::vector<double> rope_freqs(int64_t dim, double theta);
+
 // cos and sin of the D/2 rotation angles of a token at (row, col): pair i turns by row * f_i for
-// i < D/4 and by col * f_(i - D/4) after, f_j = theta^(-4j/D). Double precision angles.
-void rope_cos_sin(int64_t row, int64_t col, int64_t dim, double theta, float* cos, float* sin);
+// i < D/4 and by col * f_(i - D/4) after (``freqs`` from rope_freqs). Double precision angles.
+void rope_cos_sin(int64_t row, int64_t col, const std::vector<double>& freqs, float* cos, float* sin);
 
 // y = rotate(x) * mult on one head row (rotate-half pairs (i, i + D/2)); sign -1 rotates back.
 inline void rope_rotate(const float* x, float* y, const float* cos, const float* sin, int64_t dim, float sign,

@@ -5,11 +5,16 @@
 
 namespace fastvl {
 
-void rope_cos_sin(int64_t row, int64_t col, int64_t dim, double theta, float* cos, float* sin) {
-  const int64_t quarter = dim / 4;
+std::vector<double> rope_freqs(int64_t dim, double theta) {
+  std::vector<double> freqs(dim / 4);
+  for (int64_t j = 0; j < dim / 4; ++j) freqs[j] = std::pow(theta, -4.0 * j / dim);
+  return freqs;
+}
+
+void rope_cos_sin(int64_t row, int64_t col, const std::vector<double>& freqs, float* cos, float* sin) {
+  const int64_t quarter = freqs.size();
   for (int64_t j = 0; j < quarter; ++j) {
-    const double freq = std::pow(theta, -4.0 * j / dim);
-    const double a = row * freq, b = col * freq;
+    const double a = row * freqs[j], b = col * freqs[j];
     cos[j] = std::cos(a), sin[j] = std::sin(a);
     cos[j + quarter] = std::cos(b), sin[j + quarter] = std::sin(b);
   }
@@ -25,10 +30,11 @@ void rotate_tokens(const Tensor& x, const Tensor& pos, double theta, float sign,
   const T* xp = x.data_ptr<T>();
   const int32_t* pp = pos.defined() ? pos.data_ptr<int32_t>() : nullptr;
   const int64_t sp0 = pos.defined() ? pos.stride(0) : 0, sp1 = pos.defined() ? pos.stride(1) : 0;
+  const auto freqs = rope_freqs(dim, theta);
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(dim), rotated(dim), cs(dim);  // cs: cos | sin
     for (int64_t t = begin; t < end; ++t) {
-      if (pp) rope_cos_sin(pp[t * sp0], pp[t * sp0 + sp1], dim, theta, cs.data(), cs.data() + dim / 2);
+      if (pp) rope_cos_sin(pp[t * sp0], pp[t * sp0 + sp1], freqs, cs.data(), cs.data() + dim / 2);
       for (int64_t h = 0; h < heads; ++h) {
         to_float(xp + t * sx0 + h * sx1, row.data(), dim);
         if (pp) {
@@ -63,12 +69,13 @@ Tensor unpack_heads(const Tensor& src, int64_t group, at::ScalarType dtype, cons
   const float* sp = src.data_ptr<float>();
   const int32_t* pp = rope_pos ? rope_pos->data_ptr<int32_t>() : nullptr;
   const int64_t sp0 = rope_pos ? rope_pos->stride(0) : 0, sp1 = rope_pos ? rope_pos->stride(1) : 0;
+  const auto freqs = rope_freqs(dim, theta);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "unpack_heads", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> row(dim), rotated(dim), cs(dim);
       for (int64_t t = begin; t < end; ++t) {
-        if (pp) rope_cos_sin(pp[t * sp0], pp[t * sp0 + sp1], dim, theta, cs.data(), cs.data() + dim / 2);
+        if (pp) rope_cos_sin(pp[t * sp0], pp[t * sp0 + sp1], freqs, cs.data(), cs.data() + dim / 2);
         for (int64_t h = 0; h < heads; ++h) {
           const float* first = sp + (h * group * tokens + t) * dim;
           for (int64_t d = 0; d < dim; ++d) row[d] = first[d];

@@ -5,6 +5,7 @@ A Qwen2-VL-style vision tower runs all its images as one packed sequence. Its la
 computed once per forward from ``grid_thw`` on the host and shipped to the device in one copy, so the
 blocks reuse device tensors and host ints: no per-layer host syncs.
 """
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -12,6 +13,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ops import vision_positions
+
+
+def host_side(fn):
+    """``torch.compiler.disable`` for host-side work (torch.compile runs it as is), without importing
+    torch._dynamo when the module is imported or in eager calls: that import takes seconds, and a
+    compiled caller has it loaded already."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run
 
 
 def cu_seqlens(lengths, device=None) -> Tensor:
@@ -51,7 +64,7 @@ class VisionLayout(NamedTuple):
     reverse_index: Optional[Tensor] = None  # its inverse: merge groups back to image order
 
 
-@torch.compiler.disable  # host-side index work: torch.compile runs it as is
+@host_side
 def vision_layout(grid_thw, merge_size, window=None, device=None) -> VisionLayout:
     """The layout of ``grid_thw`` [N, 3] (t, h, w patches per image; checked like ``vision_positions``).
 

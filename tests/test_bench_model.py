@@ -1,6 +1,7 @@
 """Whole-model and vision-tower training suites, quick on a CPU: rows, token counts, FLOP directions, ratios."""
 import math
 
+from fastvl import _native
 from fastvl.bench import common, model, vit_train
 
 MEASURED = {"tflops", "prefill_ms", "prefill_ms_min", "prefill_ms_max", "decode_tok_s", "decode_ms", "peak_mb",
@@ -35,9 +36,13 @@ def test_patching_hf_qwen2_vl_keeps_its_flops():
 def test_vit_train_step_rows():
     rows = vit_train.run("cpu", quick=True)
     by = _by_impl(rows)
-    assert set(by) == {"hf-sdpa", "fastvl"}
+    native = _native.available()
+    assert set(by) == {"hf-sdpa", "fastvl"} | ({"fastvl-native"} if native else set())
     for r in by.values():
-        assert r["tokens"] == 132 and r["step_ms_n"] >= 3 and r["vs"] == "hf-sdpa" and r["peak_mb"] is None
+        assert r["tokens"] == 132 and r["step_ms_n"] >= 3 and r["fwd_ms_n"] >= 3 and r["peak_mb"] is None
+        assert r["vs"] == "hf-sdpa" and math.isclose(r["fwd_speedup"], by["hf-sdpa"]["fwd_ms"] / r["fwd_ms"])
         assert math.isclose(r["tokens_s"], 132 / r["step_ms"] * 1e3)
     assert by["fastvl"]["backend"] == "reference" and by["hf-sdpa"]["backend"] is None
-    assert len(vit_train.summary(rows)) == 1  # the memory target needs a GPU
+    assert not native or by["fastvl-native"]["backend"] == "native"
+    # the step target (the memory target needs a GPU), and the native forward's where it ran
+    assert len(vit_train.summary(rows)) == 1 + native

@@ -206,3 +206,26 @@ def test_triton_on_cpu_without_interpreter_needs_guidance():
     assert result["auto"] is None and result["auto_matches_reference"]
     for how in ("set_backend", "env"):
         assert "TRITON_INTERPRET=1" in result[how] and "CUDA" in result[how], result[how]
+
+
+FIRST_CALLS = """
+import sys, torch, fastvl
+grid = torch.tensor([[1, 4, 6], [1, 2, 2]])
+layout = fastvl.layout.vision_layout(grid, 2)
+q = torch.randn(28, 2, 8, requires_grad=True)
+fastvl.varlen_attention(q, q, q, layout.cu_seqlens, rope_pos=layout.positions).sum().backward()
+x = torch.randn(28, 4, requires_grad=True)
+fastvl.patch_merge(x, torch.ones(4), torch.zeros(4), torch.randn(8, 16), torch.zeros(8), torch.randn(3, 8),
+                   torch.zeros(3)).sum().backward()
+print("torch._dynamo" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_first_calls_do_not_import_dynamo(backend):
+    """Importing fastvl and its first op calls stay clear of torch._dynamo, whose import takes seconds."""
+    env = {**os.environ, "FASTVL_BACKEND": backend}
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", FIRST_CALLS], env=env, capture_output=True, text=True, check=True,
+                         timeout=120)
+    assert out.stdout.strip() == "False", out.stderr

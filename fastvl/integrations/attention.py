@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import report_reference
-from ..layout import cu_seqlens, to_device
+from ..layout import cu_seqlens, host_side, to_device
 from ..ops import varlen_attention
 
 NAME = "fastvl"
@@ -99,7 +99,7 @@ def _segments(attention_mask, kwargs, batch, tq, tk, device) -> Packing:
 _last = (None, None, None)  # (weak reference to the source tensor, key, Packing)
 
 
-@torch.compiler.disable  # host-side index work: torch.compile runs it as is
+@host_side
 def _memoised(build, source, batch, tq, tk, device):
     """``build(source on the host, ...)``, computed once for all the layers of a forward."""
     global _last

@@ -19,7 +19,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .._backend import report_reference
-from ..layout import vision_layout
+from ..layout import host_side, vision_layout
 from ..ops import patch_merge, varlen_attention
 
 TOWERS = (Qwen2VisionTransformerPretrainedModel, Qwen2_5_VisionTransformerPretrainedModel)
@@ -57,7 +57,7 @@ def _vision_forward(self, hidden_states, grid_thw, **kwargs):
     return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=merged)
 
 
-@torch.compiler.disable  # host reads of caller-given offsets
+@host_side  # host reads of caller-given offsets
 def _precomputed(layout, given, merge_size):
     """``layout`` with the parts a caller precomputed, as transformers' towers take them: position_ids [T, 2]
     (row, col) in image order, cu_seqlens and max_seqlen per frame, window_index with cu_window_seqlens and

@@ -1,11 +1,43 @@
 """Backend choice per call, and the reference backward used until (or instead of) a kernel."""
 import contextlib
 import importlib
+import sys
 
 import torch
 
 from .. import _native
 from .._backend import fallback, get_backend, interpreting, resolve
+
+
+def custom_op(name, mutates_args=()):
+    """``torch.library.custom_op`` whose first call does not import torch._dynamo (seconds).
+
+    torch wraps an op's implementation in ``torch._disable_dynamo``, which imports torch._dynamo on
+    the first call to keep Dynamo from compiling the implementation's frames. Before torch.compile has
+    been used (it imports torch._dynamo) no such compilation can happen: the implementation then runs
+    as is, and after that under ``torch.compiler.disable`` as torch does. Where torch keeps its
+    implementations otherwise, its own wrapper stays.
+    """
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        for impl in getattr(op, "_backend_fns", {}).values():
+            inner = getattr(impl, "__wrapped__", None)  # what torch._disable_dynamo disables on first call
+            if inner is not None:
+                setattr(inner, "__dynamo_disable", _disable_once_compiling(inner))
+        return op
+    return register
+
+
+def _disable_once_compiling(fn):
+    disabled = []
+
+    def run(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+    return run
 
 
 def kernel_module(name, *tensors, arg="x", head_dim=None):

@@ -4,7 +4,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as check
-from ._dispatch import kernel_module
+from ._dispatch import custom_op, kernel_module
 
 
 def apply_rope_2d(x, pos, theta=10000.0):
@@ -17,7 +17,7 @@ def apply_rope_2d(x, pos, theta=10000.0):
     return torch.ops.fastvl.apply_rope_2d(x, pos, check.number("theta", theta), False)
 
 
-@torch.library.custom_op("fastvl::apply_rope_2d", mutates_args=())
+@custom_op("fastvl::apply_rope_2d", mutates_args=())
 def _rope(x: Tensor, pos: Tensor, theta: float, inverse: bool) -> Tensor:
     kernel = kernel_module("apply_rope_2d", x)
     if kernel is not None:

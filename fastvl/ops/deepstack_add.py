@@ -4,7 +4,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as check
-from ._dispatch import kernel_module
+from ._dispatch import custom_op, kernel_module
 
 
 def deepstack_add(hidden, index, stacked, *, check_index=True):
@@ -73,7 +73,7 @@ def _overlapping(t):
     return False
 
 
-@torch.library.custom_op("fastvl::deepstack_add", mutates_args=())
+@custom_op("fastvl::deepstack_add", mutates_args=())
 def _forward(hidden: Tensor, index: Tensor, stacked: Tensor) -> Tensor:
     kernel = kernel_module("deepstack_add", hidden, arg="hidden")
     if kernel is not None:
@@ -98,7 +98,7 @@ def _autograd_backward(ctx, grad):
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fastvl::deepstack_add_", mutates_args=("hidden",))
+@custom_op("fastvl::deepstack_add_", mutates_args=("hidden",))
 def _forward_(hidden: Tensor, index: Tensor, stacked: Tensor) -> None:
     kernel = kernel_module("deepstack_add", hidden, arg="hidden")
     if kernel is not None:

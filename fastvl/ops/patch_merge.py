@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as check
-from ._dispatch import kernel_module, reference_vjp
+from ._dispatch import custom_op, kernel_module, reference_vjp
 
 NORMS = ("layernorm", "rmsnorm")
 
@@ -60,7 +60,7 @@ def _unsaved(x):
     return x.new_empty(0), x.new_empty(0)
 
 
-@torch.library.custom_op("fastvl::patch_merge", mutates_args=())
+@custom_op("fastvl::patch_merge", mutates_args=())
 def _forward(
     x: Tensor, ln_w: Tensor, ln_b: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     merge_size: int, eps: float, norm: str, save: bool,
@@ -82,7 +82,7 @@ def _(x, ln_w, ln_b, w1, b1, w2, b2, merge_size, eps, norm, save):
     return out, *_unsaved(x)
 
 
-@torch.library.custom_op("fastvl::patch_merge_backward", mutates_args=())
+@custom_op("fastvl::patch_merge_backward", mutates_args=())
 def _backward(
     grad: Tensor, x: Tensor, ln_w: Tensor, ln_b: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     pre: Tensor, act: Tensor, merge_size: int, eps: float, norm: str,

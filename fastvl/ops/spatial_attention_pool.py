@@ -5,7 +5,7 @@ from torch import Tensor
 from .. import reference
 from ..reference.spatial_attention_pool import sap_pool, sap_scores
 from . import _checks as check
-from ._dispatch import kernel_module, reference_vjp
+from ._dispatch import custom_op, kernel_module, reference_vjp
 
 
 def spatial_attention_pool(x, grid_hw, w1, b1, w2, b2, window=3):
@@ -41,7 +41,7 @@ def _score_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
-@torch.library.custom_op("fastvl::spatial_attention_pool", mutates_args=())
+@custom_op("fastvl::spatial_attention_pool", mutates_args=())
 def _forward(
     x: Tensor, grid_hw: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, window: int, num_windows: int
 ) -> tuple[Tensor, Tensor]:
@@ -58,7 +58,7 @@ def _(x, grid_hw, w1, b1, w2, b2, window, num_windows):
     return x.new_empty(num_windows, x.shape[1]), x.new_empty(x.shape[0], dtype=_score_dtype(x))
 
 
-@torch.library.custom_op("fastvl::spatial_attention_pool_backward", mutates_args=())
+@custom_op("fastvl::spatial_attention_pool_backward", mutates_args=())
 def _backward(
     grad: Tensor, x: Tensor, grid_hw: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, window: int,
     num_windows: int, scores: Tensor, need_dx: bool,

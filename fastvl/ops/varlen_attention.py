@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as check
-from ._dispatch import kernel_module, reference_vjp
+from ._dispatch import custom_op, kernel_module, reference_vjp
 
 
 def varlen_attention(
@@ -93,7 +93,7 @@ def _rotates(q, k, v, rope_pos):
     return rope_pos is not None and _saves_rotated(_kernel(q, k, v), rope_pos)
 
 
-@torch.library.custom_op("fastvl::varlen_attention", mutates_args=())
+@custom_op("fastvl::varlen_attention", mutates_args=())
 def _forward(
     q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
     causal: bool, scale: float, rope_pos: Optional[Tensor], theta: float, deterministic: bool,
@@ -117,7 +117,7 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, rope_pos, theta, determi
     return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32), *saved
 
 
-@torch.library.custom_op("fastvl::varlen_attention_backward", mutates_args=())
+@custom_op("fastvl::varlen_attention_backward", mutates_args=())
 def _backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
     max_q: int, max_k: int, causal: bool, scale: float, rope_pos: Optional[Tensor], theta: float, rotated: bool,
