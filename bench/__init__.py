@@ -41,7 +41,8 @@ def timeable(modules, device):
         line += "; not here: " + "; ".join(f"{', '.join(dict.fromkeys(n))} ({r})" for r, n in not_here.items())
     if not common.is_cuda(device):
         line += (". fastvl rows without a backend in their name run the PyTorch reference here (the Triton interpreter "
-                 "is no performance number); the native CPU backend runs in the *native rows")
+                 "is no performance number); the native CPU backend runs in the *native rows, and in the model and "
+                 "train suites, whose `fastvl ops` column names the backend")
     return line
 
 

@@ -44,6 +44,13 @@ def default_backend(device) -> str:
     return "triton" if is_cuda(device) else "reference"
 
 
+def user_backend(device) -> str:
+    """The backend a user's whole model runs on automatically (the interpreter aside): the Triton kernels on a
+    GPU, the native CPU kernels on a CPU where fastvl._C is built, else the reference. Suites without per-backend
+    rows (model, train) time this one."""
+    return "triton" if is_cuda(device) else "native" if NATIVE_ONLY(device) is None else "reference"
+
+
 def commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))

@@ -19,7 +19,7 @@ the prompt, logits of the last token — counted by FlopCounterMode (``flops.py`
 ``peak_mb`` the peak GPU memory of a whole ``generate`` (weights included); ``image_tokens`` in the LLM;
 ratios against the family's baseline (``vs``). On a GPU the sizes are real and bf16; on a CPU every width
 and depth is scaled down (token counts stay real: 729/81/405, the same grids), fp32, and the fastvl ops run
-their PyTorch reference.
+on the native CPU backend (the reference where fastvl._C is not built; the ``fastvl ops`` column says which).
 """
 import inspect
 import sys
@@ -296,7 +296,7 @@ def run(device, quick, only=None):
     dtype = common.bench_dtype(device)
     plan = common.budget(device, quick)
     label = common.device_name(device)
-    backend = common.default_backend(device)
+    backend = common.user_backend(device)
     work = [(family, impl) for family, registry in FAMILIES.items() for impl in registry.runnable(device)
             if only is None or re.search(only, f"{family} {impl.name}")]
     rows = []

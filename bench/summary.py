@@ -69,8 +69,8 @@ def render(folder):
         out += ["", f"pytest -m gpu: {tail}"]
     out += ["", "## Targets (measured ratio beside each target)", ""]
     if cpu:
-        out += ["A CPU run: fastvl's ops ran their PyTorch reference on scaled-down shapes, so the GPU targets below "
-                "are not measured by it.", ""]
+        out += ["A CPU run on scaled-down shapes (fastvl's ops on the native CPU backend or the reference, as each "
+                "table says), so the GPU targets below are not measured by it.", ""]
     tables = []
     for name in SUITES:
         rows, complete = suite_rows(folder, name)

@@ -250,7 +250,7 @@ def run(device, quick, only=None):
     items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches["packed"])
     base = {**common_row, "case": case, "samples": n, "tokens": sum(lengths), "images": images}
     plan = common.Budget(warmup=0, repeat=2) if quick else common.Budget(warmup=1, repeat=3)  # whole steps: few
-    backend = common.default_backend(device)
+    backend = common.user_backend(device)
     useful, steps = None, []
     bar = common.progress(IMPLS.runnable(device), SUITE)
     for impl in bar:

@@ -2,6 +2,7 @@
 import json
 import math
 
+from fastvl import _native
 from fastvl.bench import common, train
 
 
@@ -22,6 +23,7 @@ def test_quick_cpu_run(tmp_path):
     assert len(tokens) == 1
     for r in steps.values():
         assert r["case"].endswith("[cpu, scaled]") and r["vs"] == "hf-sdpa" and r["peak_mb"] is None
+        assert r["backend"] == (None if r["impl"] == "hf-sdpa" else "native" if _native.available() else "reference")
         assert math.isclose(r["tokens_s"], r["tokens"] / r["step_ms"] * 1e3) and r["images_s"] > 0
         assert 0 < r["mfu"] < math.inf  # below 1 on an idle machine; a loaded one can time the peak low
     assert steps["fastvl-packed"]["padding_pct"] == 0 < steps["fastvl-padded"]["padding_pct"]
