@@ -238,21 +238,9 @@ def test_opcheck_native(func, args, kwargs):
                                   "patch_merge-layernorm", "spatial_attention_pool", "deepstack_add"])
 def test_compile_fullgraph_native(name):
     """Compiled (no graph break) equals eager on the native kernels; inductor on the attention."""
-    from test_ops_registration import COMPILE_CASES
+    from test_ops_registration import assert_compiled_matches_eager
 
-    fn, inputs = COMPILE_CASES[name]
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend="inductor" if name == "varlen_attention-rope" else "aot_eager")
-    cotangent = None
-    results = []
-    for f in (fn, compiled):
-        out = f(*inputs)
-        cotangent = torch.randn_like(out) if cotangent is None else cotangent
-        results.append((out, torch.autograd.grad(out, inputs, cotangent)))
-    (ref, ref_grads), (out, grads) = results
-    assert_close(out, ref, tol=1e-6)
-    for i, (g, ref_g) in enumerate(zip(grads, ref_grads)):
-        assert_close(g, ref_g, tol=1e-6, name=f"grad {i}")
+    assert_compiled_matches_eager(name, "inductor" if name == "varlen_attention-rope" else "aot_eager")
 
 
 _SELECTION = r"""
