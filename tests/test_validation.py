@@ -471,16 +471,16 @@ def tensor_mutations(t):
     return out
 
 
-def hostile_cases(op):
-    """(argument, mutation name, new value or callable) of every class of hostile input for op."""
-    cases = []
-    for name, value in HOSTILE_OPS[op][1]().items():
-        if isinstance(value, torch.Tensor):
-            cases += [(name, m, fn) for m, fn in tensor_mutations(value).items()]
-    for name in SCALARS[op]:
-        values = INT_VALUES if name in INT_SCALARS else FLOAT_VALUES if name in FLOAT_SCALARS else OTHER_VALUES
-        cases += [(name, repr(v), v) for v in values]
-    return cases
+def tensor_cases(op):
+    """(argument, mutation name, callable) of every class of hostile tensor input for op."""
+    return [(name, m, fn) for name, value in HOSTILE_OPS[op][1]().items() if isinstance(value, torch.Tensor)
+            for m, fn in tensor_mutations(value).items()]
+
+
+def scalar_cases(op):
+    """(argument, repr, value) of every hostile value of op's non-tensor arguments."""
+    return [(name, repr(v), v) for name in SCALARS[op]
+            for v in (INT_VALUES if name in INT_SCALARS else FLOAT_VALUES if name in FLOAT_SCALARS else OTHER_VALUES)]
 
 
 def outcome(op, args):
@@ -526,21 +526,32 @@ HOSTILE = settings(max_examples=int(os.environ.get("FASTVL_HOSTILE_EXAMPLES", 12
                    suppress_health_check=list(HealthCheck))
 
 
-@pytest.mark.parametrize("op", HOSTILE_OPS)
-@HOSTILE
-@given(data=st.data())
-def test_hostile_arguments(op, data):
-    """One argument of a valid call replaced by a member of a hostile class: a wrong type or dtype, an empty or
-    grown dimension, a strided or expanded (stride 0) layout, an extreme integer, a non-finite or huge scalar."""
-    name, mutation, change = data.draw(st.sampled_from(hostile_cases(op)), label="case")
-
+def changed(op, name, change):
+    """make() of op's valid call with ``name`` replaced by ``change`` (a value, or a callable of the old value)."""
     def make():
         torch.manual_seed(0)
         args = HOSTILE_OPS[op][1]()
         args[name] = change(args[name]) if callable(change) and not isinstance(change, torch.Tensor) else change
         return args
+    return make
 
-    run_both(op, make)
+
+@pytest.mark.parametrize("op", HOSTILE_OPS)
+@HOSTILE
+@given(data=st.data())
+def test_hostile_arguments(op, data):
+    """One tensor argument of a valid call replaced by a member of a hostile class: a wrong type or dtype, an empty
+    or grown dimension, a strided or expanded (stride 0) layout, an extreme integer."""
+    name, mutation, change = data.draw(st.sampled_from(tensor_cases(op)), label="case")
+    run_both(op, changed(op, name, change))
+
+
+@pytest.mark.parametrize("op, name, value", [pytest.param(op, name, value, id=f"{op}-{name}={r}")
+                                             for op in HOSTILE_OPS for name, r, value in scalar_cases(op)])
+def test_hostile_scalars(op, name, value):
+    """Every hostile value of every non-tensor argument (a wrong type, zero, non-finite, tiny or huge), in every
+    run: most are refused before any kernel runs, so all of them take seconds."""
+    run_both(op, changed(op, name, value))
 
 
 def _floats(*shape, dtype):
