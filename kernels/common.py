@@ -17,11 +17,11 @@ _TWO_PI = Fraction("6.283185307179586476925286766559005768394")
 def _rope_turns(head_dim: int, theta: float) -> tuple:
     """The D/4 rotary frequencies f_j = theta^(-4j/D) (float64, as the reference computes them) in turns per
     position, as 64-bit fixed point (2^64 = one turn) wrapped to int64. Only the fraction of a turn matters
-    at integer positions; a frequency beyond float64 (theta below ~1e-300) counts as no rotation."""
+    at integer positions. The ops admit theta >= 2^-96 only, so every frequency is finite (below 2^96)."""
     inv_freq = theta ** (-torch.arange(0, head_dim // 4, dtype=torch.float64) * 4 / head_dim)
     table = []
     for f in inv_freq.tolist():
-        turns = round(Fraction(f) / _TWO_PI * 2**64) % 2**64 if f < float("inf") else 0
+        turns = round(Fraction(f) / _TWO_PI * 2**64) % 2**64
         table.append(turns - 2**64 if turns >= 2**63 else turns)
     return tuple(table)
 

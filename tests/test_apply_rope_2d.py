@@ -1,9 +1,11 @@
 """apply_rope_2d: the Triton kernel against the float64 reference (forward, gradient, inverse, strides)."""
+import math
+
 import pytest
 import torch
 
 import fastvl
-from fastvl import reference
+from fastvl import _native, reference
 from fastvl.ops._dispatch import kernel_module
 from fastvl.testing import assert_close, generator, randn
 
@@ -68,6 +70,22 @@ def test_huge_positions_and_thetas(triton_backend, device, theta):
     out = fastvl.apply_rope_2d(x, pos, theta)
     assert_close(out.norm(dim=-1), x.norm(dim=-1), torch.float32, name="norms")
     assert_close(out, reference.apply_rope_2d(x.double(), pos, theta), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "native"])
+def test_smallest_theta(device, backend):
+    """theta = 2^-96, the smallest the op takes: every angle (int32 position x frequency < 1/theta) is below
+    2^127, finite in fp32 on every backend, so the rotation keeps norms at any position; smaller is refused."""
+    if backend == "native" and (device != "cpu" or not _native.available()):
+        pytest.skip("the native backend runs CPU tensors, with fastvl._C built")
+    edges = torch.tensor([2**31 - 1, -2**31, 2**30 + 3, -1, 0, 1])
+    pos = torch.stack([edges, edges.flip(0)], 1).to(torch.int32).to(device)
+    x = randn(6, 2, 1024, device=device, gen=generator(4))  # a large head dim: frequencies up to theta^(-255/256)
+    with fastvl.use_backend(backend):
+        out = fastvl.apply_rope_2d(x, pos, 2.0**-96)
+        with pytest.raises(ValueError, match=r"^theta must be >= 2\*\*-96"):
+            fastvl.apply_rope_2d(x, pos, math.nextafter(2.0**-96, 0))
+    assert_close(out.norm(dim=-1), x.norm(dim=-1), torch.float32, name="norms")
 
 
 @pytest.mark.parametrize("head_dim", [16, 72, 80])

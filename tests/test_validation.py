@@ -152,8 +152,13 @@ CASES = {
     "attn-scale-inf": ("varlen_attention", dict(softmax_scale=float("inf")), ValueError, "^softmax_scale must be finite"),
     "attn-scale-nan": ("varlen_attention", dict(softmax_scale=float("nan")), ValueError, "^softmax_scale "),
     "attn-scale-huge-int": ("varlen_attention", dict(softmax_scale=10**400), ValueError, "^softmax_scale must be finite"),
+    "attn-scale-float32-max": ("varlen_attention", dict(softmax_scale=3.5e38), ValueError,
+        r"^softmax_scale must be in \[2\*\*-126, 3\.4028234663852886e\+38\] \(float32's normal range\), got 3\.5e"),
+    "attn-scale-float32-tiny": ("varlen_attention", dict(softmax_scale=1e-39), ValueError,
+        r"^softmax_scale must be in \[2\*\*-126, .*got 1e-39"),
     "attn-theta-zero": ("varlen_attention", dict(rope_theta=0.0), ValueError, "^rope_theta "),
     "attn-theta-inf": ("varlen_attention", dict(rope_theta=float("inf")), ValueError, "^rope_theta must be finite"),
+    "attn-theta-tiny": ("varlen_attention", dict(rope_theta=2.0**-97), ValueError, r"^rope_theta must be >= 2\*\*-96"),
     "attn-rope-int64": ("varlen_attention", dict(rope_pos=torch.zeros(7, 2, dtype=torch.int64)),
         TypeError, "^rope_pos .*int32"),
     "attn-rope-float": ("varlen_attention", dict(rope_pos=torch.zeros(7, 2)), TypeError, "^rope_pos "),
@@ -199,6 +204,7 @@ CASES = {
     "rope-theta-str": ("apply_rope_2d", dict(theta="1e4"), TypeError, "^theta "),
     "rope-theta-inf": ("apply_rope_2d", dict(theta=float("inf")), ValueError, "^theta must be finite"),
     "rope-theta-nan": ("apply_rope_2d", dict(theta=float("nan")), ValueError, "^theta "),
+    "rope-theta-tiny": ("apply_rope_2d", dict(theta=1e-30), ValueError, r"^theta must be >= 2\*\*-96 .*got 1e-30"),
     # patch_merge
     "merge-x-int": ("patch_merge", dict(x=lambda a: a["x"].long()), TypeError, "^x "),
     "merge-x-3d": ("patch_merge", dict(x=torch.randn(12, 1, 6)), ValueError, "^x "),
@@ -439,11 +445,6 @@ FLOAT_SCALARS = {"softmax_scale", "rope_theta", "theta", "eps"}
 DTYPES = [torch.bool, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32,
           torch.float64, torch.complex64]
 EXTREMES = [2**31 - 1, -2**31, -1, 0, 1000]
-SKIP = {
-    # open gaps: rotary frequencies beyond the float32 range (theta near 0); scores (q.k * scale) beyond it
-    ("apply_rope_2d", "theta", repr(1e-300)), ("varlen_attention-rope", "rope_theta", repr(1e-300)),
-    *((op, "softmax_scale", repr(1e300)) for op in ("varlen_attention", "varlen_attention-rope")),
-}
 
 
 def rope_attention_args():
@@ -470,16 +471,16 @@ def tensor_mutations(t):
     return out
 
 
-def hostile_cases(op):
-    """(argument, mutation name, new value or callable) of every class of hostile input for op."""
-    cases = []
-    for name, value in HOSTILE_OPS[op][1]().items():
-        if isinstance(value, torch.Tensor):
-            cases += [(name, m, fn) for m, fn in tensor_mutations(value).items() if (op, name, m) not in SKIP]
-    for name in SCALARS[op]:
-        values = INT_VALUES if name in INT_SCALARS else FLOAT_VALUES if name in FLOAT_SCALARS else OTHER_VALUES
-        cases += [(name, repr(v), v) for v in values if (op, name, repr(v)) not in SKIP]
-    return cases
+def tensor_cases(op):
+    """(argument, mutation name, callable) of every class of hostile tensor input for op."""
+    return [(name, m, fn) for name, value in HOSTILE_OPS[op][1]().items() if isinstance(value, torch.Tensor)
+            for m, fn in tensor_mutations(value).items()]
+
+
+def scalar_cases(op):
+    """(argument, repr, value) of every hostile value of op's non-tensor arguments."""
+    return [(name, repr(v), v) for name in SCALARS[op]
+            for v in (INT_VALUES if name in INT_SCALARS else FLOAT_VALUES if name in FLOAT_SCALARS else OTHER_VALUES)]
 
 
 def outcome(op, args):
@@ -525,21 +526,32 @@ HOSTILE = settings(max_examples=int(os.environ.get("FASTVL_HOSTILE_EXAMPLES", 12
                    suppress_health_check=list(HealthCheck))
 
 
-@pytest.mark.parametrize("op", HOSTILE_OPS)
-@HOSTILE
-@given(data=st.data())
-def test_hostile_arguments(op, data):
-    """One argument of a valid call replaced by a member of a hostile class: a wrong type or dtype, an empty or
-    grown dimension, a strided or expanded (stride 0) layout, an extreme integer, a non-finite or huge scalar."""
-    name, mutation, change = data.draw(st.sampled_from(hostile_cases(op)), label="case")
-
+def changed(op, name, change):
+    """make() of op's valid call with ``name`` replaced by ``change`` (a value, or a callable of the old value)."""
     def make():
         torch.manual_seed(0)
         args = HOSTILE_OPS[op][1]()
         args[name] = change(args[name]) if callable(change) and not isinstance(change, torch.Tensor) else change
         return args
+    return make
 
-    run_both(op, make)
+
+@pytest.mark.parametrize("op", HOSTILE_OPS)
+@HOSTILE
+@given(data=st.data())
+def test_hostile_arguments(op, data):
+    """One tensor argument of a valid call replaced by a member of a hostile class: a wrong type or dtype, an empty
+    or grown dimension, a strided or expanded (stride 0) layout, an extreme integer."""
+    name, mutation, change = data.draw(st.sampled_from(tensor_cases(op)), label="case")
+    run_both(op, changed(op, name, change))
+
+
+@pytest.mark.parametrize("op, name, value", [pytest.param(op, name, value, id=f"{op}-{name}={r}")
+                                             for op in HOSTILE_OPS for name, r, value in scalar_cases(op)])
+def test_hostile_scalars(op, name, value):
+    """Every hostile value of every non-tensor argument (a wrong type, zero, non-finite, tiny or huge), in every
+    run: most are refused before any kernel runs, so all of them take seconds."""
+    run_both(op, changed(op, name, value))
 
 
 def _floats(*shape, dtype):

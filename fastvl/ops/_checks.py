@@ -7,6 +7,10 @@ import torch
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTS = (torch.int32, torch.int64)
 INT32_MAX = 2**31 - 1  # sizes and offsets index int32 in the kernels
+FLOAT32_TINY, FLOAT32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max  # normal range
+# The rotary frequencies theta^(-4j/D) are below 1/theta: from theta = 2^-96 on, any int32 position times any
+# frequency is below 2^31 * 2^96 = 2^127, an angle finite in float32 (the ops' precision)
+ROPE_THETA_MIN = 2.0**-96
 
 
 def _name(dtypes):
@@ -66,6 +70,24 @@ def number(name, value, positive=True):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def scale(name, value):
+    """A positive number in float32's normal range: the kernels scale in fp32, where a larger one is inf and a
+    smaller one 0 or subnormal (0 under flush-to-zero arithmetic), and 0 times a masked -inf score is NaN."""
+    value = number(name, value)
+    if not FLOAT32_TINY <= value <= FLOAT32_MAX:
+        raise ValueError(f"{name} must be in [2**-126, {FLOAT32_MAX!r}] (float32's normal range), got {value!r}")
+    return value
+
+
+def rope_theta(name, value):
+    """A RoPE base theta >= 2^-96: all its rotation angles are finite in float32."""
+    value = number(name, value)
+    if value < ROPE_THETA_MIN:
+        raise ValueError(f"{name} must be >= 2**-96 (~{ROPE_THETA_MIN:.3g}) so that the rotary frequencies "
+                         f"theta^(-4j/D) times int32 positions stay finite in float32, got {value!r}")
     return value
 
 

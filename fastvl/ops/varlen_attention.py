@@ -18,10 +18,12 @@ def varlen_attention(
     q [Tq, H, D], k and v [Tk, Hk, D] (GQA when Hk < H, H % Hk == 0; the Triton kernels take D in
     64/72/80/96/128, other head dims run the reference);
     ``cu_seqlens_q``/``cu_seqlens_k``: int32 [B+1] segment offsets (``cu_seqlens_k`` defaults to
-    ``cu_seqlens_q``). ``causal`` masks bottom-right aligned. ``rope_pos`` [Tq, 2] int32 (row, col)
-    rotates q and k once inside the op (self-attention only). Passing ``max_seqlen_*`` avoids a
-    device-to-host sync on CUDA; the offsets are then trusted. ``deterministic=False`` lets the Triton
-    backward sum dq with atomics (faster, not bitwise reproducible).
+    ``cu_seqlens_q``). ``causal`` masks bottom-right aligned. ``softmax_scale`` (default D^-0.5) is in
+    float32's normal range [2^-126, 3.4028234663852886e38]. ``rope_pos`` [Tq, 2] int32 (row, col) rotates
+    q and k once inside the op (self-attention only) as ``apply_rope_2d`` does with ``rope_theta``
+    (>= 2^-96). Passing ``max_seqlen_*`` avoids a device-to-host sync on CUDA; the offsets are then
+    trusted. ``deterministic=False`` lets the Triton backward sum dq with atomics (faster, not bitwise
+    reproducible).
     """
     check.tensor("q", q, ndim=3)
     device = q.device
@@ -56,8 +58,8 @@ def varlen_attention(
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    scale = dim ** -0.5 if softmax_scale is None else check.number("softmax_scale", softmax_scale)
-    theta = check.number("rope_theta", rope_theta)
+    scale = dim ** -0.5 if softmax_scale is None else check.scale("softmax_scale", softmax_scale)
+    theta = check.rope_theta("rope_theta", rope_theta)
     if rope_pos is not None:
         check.tensor("rope_pos", rope_pos, dtypes=(torch.int32,), ndim=2, device=device)
         check.shape("rope_pos", rope_pos, (tq, 2))

@@ -11,11 +11,13 @@ def rope_2d_angles(pos: torch.Tensor, head_dim: int, theta: float, dtype=torch.f
 def apply_rope_2d(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0, inverse: bool = False) -> torch.Tensor:
     """Rotate x [T, H, D] by the 2D positions pos [T, 2] (rotate-half pairs, fp32 or wider math).
 
-    ``inverse`` rotates by the opposite angles (the transpose: the backward of the rotation).
+    Angles, cos and sin are float64 whatever x's dtype: a position near 2^31 times a frequency has no
+    fraction of a turn left in float32. ``inverse`` rotates by the opposite angles (the transpose: the
+    backward of the rotation).
     """
     compute = torch.promote_types(x.dtype, torch.float32)
-    angles = rope_2d_angles(pos, x.shape[-1], theta, compute)[:, None, :]
-    cos, sin = angles.cos(), angles.sin()
+    angles = rope_2d_angles(pos, x.shape[-1], theta, torch.float64)[:, None, :]
+    cos, sin = angles.cos().to(compute), angles.sin().to(compute)
     if inverse:
         sin = -sin
     x1, x2 = x.to(compute).chunk(2, dim=-1)
