@@ -181,14 +181,13 @@ def ratio(base, row, key, name) -> dict:
     return {name: statistics.median(ratios), f"{name}_min": min(ratios), f"{name}_max": max(ratios)}
 
 
-def peak_memory_mb(fn, device, total=False):
-    """Peak device memory allocated while ``fn()`` runs, in MiB: above what was allocated before, or with
-    ``total`` everything allocated (weights included). None on a CPU."""
+def peak_memory_mb(fn, device):
+    """Peak device memory allocated while ``fn()`` runs above what was allocated before, in MiB. None on a CPU."""
     if not is_cuda(device):
         return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    before = 0 if total else torch.cuda.memory_allocated(device)
+    before = torch.cuda.memory_allocated(device)
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
