@@ -52,7 +52,8 @@ def report(module, rows, device):
     shapes = "real shapes" if common.is_cuda(device) else "shapes scaled down for a CPU"
     print(f"\n[{module.SUITE}] {module.TITLE}")
     print(f"device {common.device_name(device)}, {dtype}, {shapes}; times are the median (min-max) of the timed "
-          "calls, warm-up calls excluded; speedup/ratio columns are relative to the `vs` column")
+          "calls, warm-up calls excluded, the implementations of a case timed in the same rounds; speedup/ratio "
+          "columns are relative to the `vs` column, the median (min-max) of the per-round ratios")
     timed = common.measured(rows)
     print(common.format_table(timed, module.COLUMNS) if timed else "(nothing measured)")
     for r in rows:

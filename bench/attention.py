@@ -221,17 +221,40 @@ def steps(impl, case, seed=0):
     return fwd, fwd_bwd
 
 
-def measure(impl, case, plan):
-    """(timings and peak memory, forward output) of ``impl`` on ``case``; forward+backward is warmed up
-    before either is timed."""
-    fwd, fwd_bwd = steps(impl, case)
-    out = fwd()
-    fwd_bwd()
-    row = {
-        **common.measure(fwd, case.device, plan).row("fwd_ms"), **common.measure(fwd_bwd, case.device, plan).row("fwd_bwd_ms"),
-        "peak_mb_fwd": common.peak_memory_mb(fwd, case.device), "peak_mb": common.peak_memory_mb(fwd_bwd, case.device),
-    }
-    return row, out
+def measure_case(case, impls, plan, base, peak, bar):
+    """The rows of ``impls`` on ``case``: their forward and forward+backward timed in the same rounds (each
+    forward+backward runs once before anything is timed), or the reason one failed."""
+    rows, timed_steps, errors, expected = [], {}, {}, None
+    for impl in impls:
+        try:
+            fwd, fwd_bwd = steps(impl, case)
+            out = fwd()
+            fwd_bwd()
+        except Exception as exc:  # noqa: BLE001 - a baseline that fails is reported, the others still run
+            rows.append(common.failed_row(base, impl.name, exc))
+            common.emit(bar, rows[-1], rows[-1]["skipped"])
+            continue
+        expected = out if impl.name == "reference" else expected
+        errors[impl.name] = None if expected is None else rel_err(out, expected)
+        timed_steps[impl.name] = {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd}
+    timed = common.measure_rows(timed_steps, case.device, plan)
+    flop, found = case.flop_fwd, []
+    for impl in impls:
+        if impl.name in timed:
+            timing, fns = timed[impl.name], timed_steps[impl.name]
+            found.append({
+                **base, "impl": impl.name, "backend": backend_used(impl, case), "model": case.model,
+                "pack": case.pack, "heads": case.heads, "head_dim": case.head_dim, "grids": case.grids,
+                "tokens": case.tokens, "gflop": flop / 1e9, **timing,
+                "peak_mb_fwd": common.peak_memory_mb(fns["fwd_ms"], case.device),
+                "peak_mb": common.peak_memory_mb(fns["fwd_bwd_ms"], case.device), "rel_err": errors[impl.name],
+                "tflops": flop / timing["fwd_ms"] / 1e9, "tflops_fwd_bwd": 3.5 * flop / timing["fwd_bwd_ms"] / 1e9,
+                "matmul_tflops": peak,
+            })
+    _speedups(found)
+    for row in found:
+        common.emit(bar, row, f"fwd {common.fmt_time(row['fwd_ms'])}, fwd+bwd {common.fmt_time(row['fwd_bwd_ms'])}")
+    return rows + found
 
 
 def run(device, quick, only=None):
@@ -247,47 +270,22 @@ def run(device, quick, only=None):
     peak = common.matmul_tflops(device, plan) if cuda and any(c.head_dim == 128 for c in work) else None
     bar = common.progress(work, SUITE)
     for case in bar:
-        dtype = common.dtype_name(case.dtype)
+        bar.set_postfix_str(f"{case.model} {case.pack}")
         base = {"suite": SUITE, "op": OP, "case": case.name + ("" if cuda else " [cpu]"), "device": label,
-                "dtype": dtype}
-        case_rows, expected = [], None
-        for impl in runnable:
-            bar.set_postfix_str(f"{case.model} {case.pack} {impl.name}")
-            try:
-                timing, out = measure(impl, case, plan)
-            except Exception as exc:  # noqa: BLE001 - a baseline that fails is reported, the others still run
-                rows.append(common.failed_row(base, impl.name, exc))
-                common.emit(bar, rows[-1], rows[-1]["skipped"])
-                continue
-            expected = out if impl.name == "reference" else expected
-            flop = case.flop_fwd
-            row = {
-                **base, "impl": impl.name, "backend": backend_used(impl, case), "model": case.model,
-                "pack": case.pack, "heads": case.heads, "head_dim": case.head_dim, "grids": case.grids,
-                "tokens": case.tokens, "gflop": flop / 1e9, **timing,
-                "rel_err": None if expected is None else rel_err(out, expected),
-                "tflops": flop / timing["fwd_ms"] / 1e9, "tflops_fwd_bwd": 3.5 * flop / timing["fwd_bwd_ms"] / 1e9,
-                "matmul_tflops": peak,
-            }
-            case_rows.append(row)
-            common.emit(bar, row, f"fwd {common.fmt_time(row['fwd_ms'])}, fwd+bwd {common.fmt_time(row['fwd_bwd_ms'])}")
-            del out
-            if cuda:
-                torch.cuda.empty_cache()
-        _speedups(case_rows)
-        rows += case_rows
+                "dtype": common.dtype_name(case.dtype)}
+        rows += measure_case(case, runnable, plan, base, peak, bar)
+        if cuda:
+            torch.cuda.empty_cache()
     return rows + common.skipped_rows(IMPLS, device, {"suite": SUITE, "op": OP, "device": label})
 
 
 def _speedups(rows):
-    by = {r["impl"]: r for r in rows}
+    """Per row: ``speedup_vs`` every other implementation of the case (fwd and fwd+bwd), ``speedup`` vs BASELINE's
+    fwd+bwd; medians (and ranges) of per-round ratios."""
     for r in rows:
-        r["speedup_vs"] = {
-            other: {"fwd": o["fwd_ms"] / r["fwd_ms"], "fwd_bwd": o["fwd_bwd_ms"] / r["fwd_bwd_ms"]}
-            for other, o in by.items() if other != r["impl"]
-        }
-        if BASELINE in by:
-            r["vs"], r["speedup"] = BASELINE, by[BASELINE]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        r["speedup_vs"] = {o["impl"]: {**common.ratio(o, r, "fwd_ms", "fwd"),
+                                       **common.ratio(o, r, "fwd_bwd_ms", "fwd_bwd")} for o in rows if o is not r}
+    common.speedups(rows, BASELINE, "fwd_bwd_ms")
 
 
 def targets(rows):
@@ -297,14 +295,14 @@ def targets(rows):
         by = {r["impl"]: r for r in rows if r["case"] == case}
         if FUSED not in by:
             continue
-        fused = by[FUSED]["fwd_bwd_ms"]
+        fused = by[FUSED]["speedup_vs"]
         unfused = [(by[n]["fwd_bwd_ms"], n) for n in UNFUSED if n in by]
         entry = {"case": case, "fused_backend": by[FUSED]["backend"]}
         if unfused:
-            best_ms, best = min(unfused)
-            entry.update(best_unfused=best, vs_best_unfused=best_ms / fused)
+            _, best = min(unfused)
+            entry.update(best_unfused=best, vs_best_unfused=fused[best]["fwd_bwd"])
         if BASELINE in by:
-            entry["vs_hf_sdpa_loop"] = by[BASELINE]["fwd_bwd_ms"] / fused
+            entry["vs_hf_sdpa_loop"] = fused[BASELINE]["fwd_bwd"]
         found.append(entry)
     return found
 

@@ -1,8 +1,9 @@
 """What every suite shares: timing with spread, implementation registries, readable tables, progress, output.
 
 Timing is written here rather than taken from ``torch.utils.benchmark``: its blocked measurements average
-several calls per sample, while a table here shows per-call spread (min-max and IQR), needs an untimed
-``setup`` before each call (a fresh KV cache per decode run) and times CUDA with events.
+several calls per sample, while a table here shows per-call spread (min-max and IQR), times the implementations
+of a case in interleaved rounds (so that their ratios hold on a loaded machine), needs an untimed ``setup``
+before each call (a fresh KV cache per decode run) and times CUDA with events.
 """
 import json
 import math
@@ -81,8 +82,9 @@ def environment(device) -> dict:
 # ------------------------------------------------------------------ timing
 @dataclass(frozen=True)
 class Budget:
-    """How long to time one call site: ``warmup`` untimed calls after the first (compile, autotune, allocator
-    growth), then at least ``repeat`` timed calls, more until ``min_time_s`` of timed calls, at most ``max_repeat``."""
+    """How long to time the call sites of one case: ``warmup`` untimed calls of each after its first (compile,
+    autotune, allocator growth), then at least ``repeat`` rounds of timed calls, more until the rounds have taken
+    ``min_time_s`` per call site, at most ``max_repeat``."""
 
     warmup: int
     repeat: int
@@ -100,7 +102,7 @@ def budget(device, quick) -> Budget:
 
 @dataclass(frozen=True)
 class Timing:
-    """Per-call wall times in ms of one call site."""
+    """Per-call wall times in ms of one call site, the i-th from round i of its ``measure_group``."""
 
     times: tuple
 
@@ -109,10 +111,11 @@ class Timing:
         return statistics.median(self.times)
 
     def row(self, key) -> dict:
-        """{key: median, key_min, key_max, key_iqr, key_n}: the median and the spread of the timed calls."""
+        """{key: median, key_min, key_max, key_iqr, key_n, key_times}: the median, the spread and the times of the
+        timed calls (``key_times`` pairs them by round with the other call sites of the case: see ``ratio``)."""
         q = statistics.quantiles(self.times, n=4, method="inclusive") if len(self.times) > 1 else [self.times[0]] * 3
         return {key: self.median, f"{key}_min": min(self.times), f"{key}_max": max(self.times),
-                f"{key}_iqr": q[2] - q[0], f"{key}_n": len(self.times)}
+                f"{key}_iqr": q[2] - q[0], f"{key}_n": len(self.times), f"{key}_times": list(self.times)}
 
 
 def _sync(device):
@@ -120,13 +123,16 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device, plan: Budget, setup=None) -> Timing:
-    """Times ``fn()`` (``fn(setup())`` when ``setup`` is given; setup is never timed) per ``plan``.
+def measure_group(fns, device, plan: Budget, setup=None) -> dict:
+    """Times every ``fn()`` of ``fns`` ({key: fn}; ``fn(setup())`` when ``setup`` is given, setup never timed) per
+    ``plan``, in rounds that call each fn once in turn: {key: Timing}.
 
-    The first call and ``plan.warmup`` more are never timed, so compilation, autotuning and first
-    allocations cannot reach a median; CUDA calls are timed with events, CPU calls with perf_counter.
+    Interleaved, a change of the machine's load between rounds reaches every fn alike, so the ratio of two
+    fns' times in one round holds (timed one after the other, each fn would see another load). The first call
+    of each fn and ``plan.warmup`` more are never timed, so compilation, autotuning and first allocations cannot
+    reach a median; CUDA calls are timed with events, CPU calls with perf_counter.
     """
-    def call(timed):
+    def call(fn, timed):
         arg = (setup(),) if setup else ()
         _sync(device)
         if not timed:
@@ -144,21 +150,44 @@ def measure(fn, device, plan: Budget, setup=None) -> Timing:
         return (time.perf_counter() - t0) * 1e3
 
     for _ in range(1 + plan.warmup):
-        call(False)
-    times = []
-    while len(times) < plan.max_repeat and (len(times) < plan.repeat or sum(times) < plan.min_time_s * 1e3):
-        times.append(call(True))
-    return Timing(tuple(times))
+        for fn in fns.values():
+            call(fn, False)
+    times = {key: [] for key in fns}
+    rounds, total_ms = 0, 0.0
+    while rounds < plan.max_repeat and (rounds < plan.repeat or total_ms < plan.min_time_s * 1e3 * len(fns)):
+        for key, fn in fns.items():
+            times[key].append(call(fn, True))
+            total_ms += times[key][-1]
+        rounds += 1
+    return {key: Timing(tuple(t)) for key, t in times.items()}
 
 
-def peak_memory_mb(fn, device, total=False):
-    """Peak device memory allocated while ``fn()`` runs, in MiB: above what was allocated before, or with
-    ``total`` everything allocated (weights included). None on a CPU."""
+def measure(fn, device, plan: Budget, setup=None) -> Timing:
+    """``measure_group`` of one call site."""
+    return measure_group({"fn": fn}, device, plan, setup)["fn"]
+
+
+def measure_rows(steps, device, plan: Budget) -> dict:
+    """{impl: {key: fn}} -> {impl: the ``Timing.row(key)`` of every key}: all call sites of a case in the same
+    rounds of one ``measure_group``."""
+    timings = measure_group({(impl, key): fn for impl, fns in steps.items() for key, fn in fns.items()}, device, plan)
+    return {impl: {k: v for key in fns for k, v in timings[impl, key].row(key).items()} for impl, fns in steps.items()}
+
+
+def ratio(base, row, key, name) -> dict:
+    """{name, name_min, name_max}: the median and range of the per-round ratios ``base[key] / row[key]`` of two
+    rows timed in the same rounds (``measure_rows``): each ratio is of two calls under the same load."""
+    ratios = [b / t for b, t in zip(base[f"{key}_times"], row[f"{key}_times"], strict=True)]
+    return {name: statistics.median(ratios), f"{name}_min": min(ratios), f"{name}_max": max(ratios)}
+
+
+def peak_memory_mb(fn, device):
+    """Peak device memory allocated while ``fn()`` runs above what was allocated before, in MiB. None on a CPU."""
     if not is_cuda(device):
         return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    before = 0 if total else torch.cuda.memory_allocated(device)
+    before = torch.cuda.memory_allocated(device)
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
@@ -236,15 +265,16 @@ def measured(rows):
     return [r for r in rows if "skipped" not in r]
 
 
-def speedups(rows, baseline, key, group="case"):
-    """Adds ``vs`` (the baseline's name) and ``speedup`` (baseline ``key`` / row ``key``) to every row of a
-    group that holds ``baseline`` (an impl name, or a tuple of them: the first present)."""
+def speedups(rows, baseline, key, group="case", name="speedup"):
+    """Adds ``vs`` (the baseline's name) and ``name``, ``name_min`` and ``name_max`` (the median and range of the
+    per-round ratios baseline ``key`` / row ``key``: see ``ratio``) to every row of a group that holds
+    ``baseline`` (an impl name, or a tuple of them: the first present)."""
     names = (baseline,) if isinstance(baseline, str) else baseline
     for g in dict.fromkeys(r[group] for r in rows):
         members = [r for r in rows if r[group] == g]
         base = next((r for n in names for r in members if r["impl"] == n), None)
         for r in members if base else ():
-            r["vs"], r["speedup"] = base["impl"], base[key] / r[key]
+            r.update(vs=base["impl"], **ratio(base, r, key, name))
 
 
 def target(what, value, target, at_most=False):
@@ -278,16 +308,17 @@ def fmt_time(ms, spread=None) -> str:
 
 
 def cell(row, key) -> str:
-    """A table cell by the key's convention: ``*_ms`` a time with its min-max, ``speedup``/``*_ratio`` a
-    ratio, ``rel_err`` an error, other floats 3 significant digits."""
+    """A table cell by the key's convention: ``*_ms`` a time with its min-max, ``*speedup*``/``*_ratio`` a
+    ratio with its min-max where it has one, ``rel_err`` an error, other floats 3 significant digits."""
     value = row.get(key)
     if value is None:
         return "-"
     if key.endswith("_ms"):
         spread = (row[f"{key}_min"], row[f"{key}_max"]) if row.get(f"{key}_n", 1) > 1 else None
         return fmt_time(value, spread)
-    if key.startswith("speedup") or key.endswith("_ratio"):
-        return f"{sig3(value)}x"
+    if "speedup" in key or key.endswith("_ratio"):
+        low, high = row.get(f"{key}_min", value), row.get(f"{key}_max", value)
+        return f"{sig3(value)}x" + (f" ({sig3(low)}-{sig3(high)})" if low != high else "")
     if key == "rel_err":
         return f"{value:.1e}"
     if isinstance(value, float):

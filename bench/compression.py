@@ -237,13 +237,35 @@ def steps(case, fn, backend, device):
     return fwd, fwd_bwd
 
 
-def measure(case, fn, backend, device, plan):
-    fwd, fwd_bwd = steps(case, fn, backend, device)
-    fwd_bwd()  # both passes warmed up before either is timed
-    return fwd(), {
-        **common.measure(fwd, device, plan).row("fwd_ms"), **common.measure(fwd_bwd, device, plan).row("fwd_bwd_ms"),
-        "peak_mb_fwd": common.peak_memory_mb(fwd, device), "peak_mb": common.peak_memory_mb(fwd_bwd, device),
-    }
+def measure_case(case, base, device, plan):
+    """The rows of the implementations of ``case``: their forward and forward+backward timed in the same rounds
+    (each forward+backward runs once before anything is timed), or the reason one failed."""
+    rows, timed_steps, outs = [], {}, {}
+    for impl, backend, fn in _impls(case, device):
+        try:
+            fwd, fwd_bwd = steps(case, fn, backend, device)
+            fwd_bwd()
+            outs[impl] = fwd()
+        except Exception as exc:  # noqa: BLE001 - a path that fails is reported, the others still run
+            rows.append(common.failed_row(base, impl, exc))
+            continue
+        timed_steps[impl] = {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd}
+    timed = common.measure_rows(timed_steps, device, plan)
+    expected, found = outs.get("reference"), []
+    for impl, backend, _ in _impls(case, device):
+        if impl in timed:
+            timing, gbps = timed[impl], case.mbytes / timed[impl]["fwd_ms"]
+            found.append({
+                **base, "impl": impl, "backend": backend, "gflop": case.gflop, "mbytes": case.mbytes, **timing,
+                "peak_mb_fwd": common.peak_memory_mb(timed_steps[impl]["fwd_ms"], device),
+                "peak_mb": common.peak_memory_mb(timed_steps[impl]["fwd_bwd_ms"], device),
+                "tflops": case.gflop / timing["fwd_ms"], "tflops_fwd_bwd": 3 * case.gflop / timing["fwd_bwd_ms"],
+                "gbps": gbps, "copy_frac": gbps / base["copy_gbps"],
+                "rel_err": None if expected is None else rel_err(outs[impl], expected),
+            })
+    common.speedups(found, BASELINES, "fwd_bwd_ms")
+    common.speedups(found, BASELINES, "fwd_ms", name="speedup_fwd")
+    return rows + found
 
 
 def _part_rows(case, base, copy_gbps, device, plan):
@@ -267,10 +289,11 @@ def _part_rows(case, base, copy_gbps, device, plan):
     }
     rows = []
     for part, (flop, ours, cublas) in gemms.items():
-        ours_ms, cublas_ms = common.measure(ours, device, plan).median, common.measure(cublas, device, plan).median
-        rows.append({**base, "op": f"patch_merge/{part}", "impl": "fastvl", "gflop": flop / 1e9, "fwd_ms": ours_ms,
+        timed = common.measure_rows({"fastvl": {"fwd_ms": ours}, "cublas": {"fwd_ms": cublas}}, device, plan)
+        ours_ms, cublas_ms = timed["fastvl"]["fwd_ms"], timed["cublas"]["fwd_ms"]
+        rows.append({**base, "op": f"patch_merge/{part}", "impl": "fastvl", "gflop": flop / 1e9, **timed["fastvl"],
                      "tflops": flop / ours_ms / 1e9, "cublas_ms": cublas_ms, "cublas_tflops": flop / cublas_ms / 1e9,
-                     "vs_cublas": cublas_ms / ours_ms})
+                     **common.ratio(timed["cublas"], timed["fastvl"], "fwd_ms", "vs_cublas")})
     passes = {
         "normalise (read x, write xn)": (2 * _nbytes(x), lambda: kernel.normalise(x, ln_w, ln_b, 1e-6, "layernorm")),
         "norm backward (read x, dX; write dx)": (3 * _nbytes(x),
@@ -295,31 +318,10 @@ def run(device, quick, only=None):
         dtype = common.dtype_name(case.inputs[0].dtype)
         base = {"suite": SUITE, "op": case.op, "case": case.name, "device": label, "dtype": dtype,
                 "copy_gbps": copy_gbps}
-        case_rows, expected = [], None
-        for impl, backend, fn in _impls(case, device):
-            bar.set_postfix_str(f"{case.op} {impl}")
-            try:
-                out, timing = measure(case, fn, backend, device, plan)
-            except Exception as exc:  # noqa: BLE001 - a path that fails is reported, the others still run
-                rows.append(common.failed_row(base, impl, exc))
-                continue
-            if impl == "reference":
-                expected = out
-            gbps = case.mbytes / timing["fwd_ms"]
-            row = {
-                **base, "impl": impl, "backend": backend, "gflop": case.gflop, "mbytes": case.mbytes, **timing,
-                "tflops": case.gflop / timing["fwd_ms"], "tflops_fwd_bwd": 3 * case.gflop / timing["fwd_bwd_ms"],
-                "gbps": gbps, "copy_frac": gbps / copy_gbps, "_out": out,
-            }
-            case_rows.append(row)
-            common.emit(bar, {k: v for k, v in row.items() if k != "_out"},
-                        f"fwd {common.fmt_time(row['fwd_ms'])}, fwd+bwd {common.fmt_time(row['fwd_bwd_ms'])}")
-        for r in case_rows:
-            r["rel_err"] = rel_err(r.pop("_out"), expected) if expected is not None else None
-        baseline = next((r for r in case_rows if r["impl"] in BASELINES), None)
-        for r in case_rows if baseline else ():
-            r["vs"], r["speedup"] = baseline["impl"], baseline["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-            r["speedup_fwd"] = baseline["fwd_ms"] / r["fwd_ms"]
+        bar.set_postfix_str(case.op)
+        case_rows = measure_case(case, base, device, plan)
+        for row in measured(case_rows):
+            common.emit(bar, row, f"fwd {common.fmt_time(row['fwd_ms'])}, fwd+bwd {common.fmt_time(row['fwd_bwd_ms'])}")
         rows += case_rows
         if cuda and case.op == "patch_merge":
             rows += _part_rows(case, base, copy_gbps, device, plan)

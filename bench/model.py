@@ -247,84 +247,120 @@ class _Clock:
         pass
 
 
-def measure(model, inputs, device, plan, sz):
-    """tflops, prefill, decode and peak-memory entries of one model on its inputs."""
-    def prefill():
-        return model(**inputs, use_cache=True, logits_to_keep=1)
+class _Model:
+    """One model of a family on its prompt and image, with fastvl's ops on ``backend``: what its row times."""
 
-    steps = sz.new_tokens + 2  # the first new token comes from the prefill, the first decode step warms up
+    def __init__(self, impl, sz, device, dtype, backend):
+        build, make_inputs = impl.fn(sz)
+        torch.manual_seed(0)
+        with fastvl.use_backend(backend):
+            self.model = build(device, dtype)
+            self.inputs, self.image_tokens = make_inputs(self.model, device, dtype, torch.Generator().manual_seed(0))
+        self.backend = backend
+        self.steps = sz.new_tokens + 2  # the first new token comes from the prefill, the first decode step warms up
 
-    def generate():
+    def prefill(self):
+        # without autograd, as generate() (the fastvl attention of an LLM does not take inference tensors)
+        with torch.no_grad(), fastvl.use_backend(self.backend):
+            return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+
+    def decode_ms(self):
+        """Per new token of a greedy ``generate``: the streamer sees the prompt, then each new token (the first
+        from the prefill); the first decode step is a warm-up, the time from new token 2 to new token N is timed."""
         clock = _Clock()
-        model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, streamer=clock)
-        return clock
+        with fastvl.use_backend(self.backend):
+            self.model.generate(**self.inputs, max_new_tokens=self.steps, min_new_tokens=self.steps, do_sample=False,
+                                streamer=clock)
+        return (clock.times[-1] - clock.times[2]) * 1e3 / (self.steps - 2)
 
-    with torch.no_grad():  # as generate() (the fastvl attention of an LLM does not take inference tensors)
-        _, flop = flops.count(prefill)
-        row = {"tflops": flop / 1e12, "gflop": flop / 1e9, **common.measure(prefill, device, plan).row("prefill_ms")}
-        per_token = []
-        for _ in range(sz.decode_runs):
-            clock = generate()
-            # the streamer sees the prompt, then each new token (the first from the prefill): the first decode
-            # step is a warm-up, the time from new token 2 to new token N is timed
-            per_token.append((clock.times[-1] - clock.times[2]) * 1e3 / (steps - 2))
-        row.update(common.Timing(tuple(per_token)).row("decode_ms"))
+    def weights_mb(self):
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def measure_family(family, impls, sz, device, plan, bar):
+    """The rows of a family's models: every model is built first, then their prefills are timed in the same rounds
+    and their decodes in rounds too; a model that fails to build or to prefill is a row with the reason, and so is
+    every model of the family when their timing fails."""
+    dtype = common.bench_dtype(device)
+    common_row = {"suite": SUITE, "case": family, "device": common.device_name(device),
+                  "dtype": common.dtype_name(dtype), "scale": "real" if sz is SIZES["real"] else "scaled"}
+    rows, models = [], {}
+    for impl in impls:
+        base = {**common_row, "impl": impl.name}
+        try:
+            model = _Model(impl, sz, device, dtype, impl.backend or common.user_backend(device))
+            _, flop = flops.count(model.prefill)
+        except Exception as exc:  # noqa: BLE001 - a model that fails is reported, the others still run
+            rows.append(common.failed_row(base, impl.name, exc))
+            common.emit(bar, rows[-1], rows[-1]["skipped"])
+            continue
+        models[impl.name] = model
+        rows.append({**base, "backend": model.backend, "image_tokens": model.image_tokens,
+                     "prompt_tokens": model.inputs["input_ids"].shape[1], "new_tokens": sz.new_tokens,
+                     "params_m": sum(p.numel() for p in model.model.parameters()) / 1e6, "tflops": flop / 1e12,
+                     "gflop": flop / 1e9})
+    try:
+        found = _time(models, common.measured(rows), sz, device, plan)
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory with the family's models together: reported
+        failed = [common.failed_row(common_row, name, exc) for name in models]
+        for row in failed:
+            common.emit(bar, row, row["skipped"])
+        return [r for r in rows if "skipped" in r] + failed
+    _ratios(found, FAMILIES[family][0].name)
+    for row in found:
+        common.emit(bar, row, f"{row['tflops']:.3g} TFLOPs, prefill {common.fmt_time(row['prefill_ms'])}, "
+                    f"decode {common.sig3(row['decode_tok_s'])} tok/s")
+    return rows
+
+
+def _time(models, rows, sz, device, plan):
+    """Adds the prefill, decode and peak-memory entries of ``models`` ({name: _Model}) to their ``rows``."""
+    timed = common.measure_rows({name: {"prefill_ms": m.prefill} for name, m in models.items()}, device, plan)
+    per_token = {name: [] for name in models}
+    for _ in range(sz.decode_runs):  # each round decodes with every model in turn, as measure_rows times
+        for name, model in models.items():
+            per_token[name].append(model.decode_ms())
+    for row in rows:
+        model = models[row["impl"]]
+        row.update(timed[row["impl"]])
+        row.update(common.Timing(tuple(per_token[row["impl"]])).row("decode_ms"))
         row["decode_tok_s"] = 1e3 / row["decode_ms"]
-        row["peak_mb"] = common.peak_memory_mb(generate, device, total=True)
-    return row
+        # the weights, and above them what generate allocates (the family's other models are not counted)
+        peak = common.peak_memory_mb(model.decode_ms, device)
+        row["peak_mb"] = None if peak is None else model.weights_mb() + peak
+    return rows
 
 
-def _ratios(rows):
-    for family in dict.fromkeys(r["case"] for r in rows):
-        members = [r for r in rows if r["case"] == family]
-        base = next((r for r in members if r["impl"] == FAMILIES[family][0].name), None) if family in FAMILIES else None
-        for r in members if base else ():
-            r["vs"] = base["impl"]
-            r["flops_ratio"] = r["tflops"] / base["tflops"]
-            r["speedup"] = base["prefill_ms"] / r["prefill_ms"]
-            r["decode_ratio"] = r["decode_tok_s"] / base["decode_tok_s"]
-            if r["peak_mb"] is not None:
-                r["mem_ratio"] = r["peak_mb"] / base["peak_mb"]
+def _ratios(rows, baseline):
+    """Against the family's baseline: FLOPs, prefill speedup and decode tokens/s (per-round ratios), memory."""
+    common.speedups(rows, baseline, "prefill_ms")
+    common.speedups(rows, baseline, "decode_ms", name="decode_ratio")
+    base = next((r for r in rows if r["impl"] == baseline), None)
+    for r in rows if base else ():
+        r["flops_ratio"] = r["tflops"] / base["tflops"]
+        if r["peak_mb"] is not None:
+            r["mem_ratio"] = r["peak_mb"] / base["peak_mb"]
 
 
 def run(device, quick, only=None):
     """One row per model of every family ("case" = family, "impl" = model); failures are rows with a reason."""
     import re
 
-    cuda = is_cuda(device)
-    sz = SIZES["quick" if quick else "real" if cuda else "cpu"]
-    dtype = common.bench_dtype(device)
+    sz = SIZES["quick" if quick else "real" if is_cuda(device) else "cpu"]
     plan = common.budget(device, quick)
-    label = common.device_name(device)
-    backend = common.user_backend(device)
-    work = [(family, impl) for family, registry in FAMILIES.items() for impl in registry.runnable(device)
-            if only is None or re.search(only, f"{family} {impl.name}")]
+    work = {}
+    for family, registry in FAMILIES.items():
+        impls = [i for i in registry.runnable(device) if only is None or re.search(only, f"{family} {i.name}")]
+        if impls:
+            work[family] = impls
     rows = []
     bar = common.progress(work, SUITE)
-    for family, impl in bar:
-        bar.set_postfix_str(f"{family} {impl.name}")
-        base = {"suite": SUITE, "case": family, "impl": impl.name, "device": label, "dtype": common.dtype_name(dtype),
-                "scale": "real" if sz is SIZES["real"] else "scaled"}
-        torch.manual_seed(0)
-        gen = torch.Generator().manual_seed(0)
-        try:
-            build, make_inputs = impl.fn(sz)
-            with fastvl.use_backend(impl.backend or backend):
-                model = build(device, dtype)
-                inputs, image_tokens = make_inputs(model, device, dtype, gen)
-                row = {**base, "backend": impl.backend or backend, "image_tokens": image_tokens,
-                       "prompt_tokens": inputs["input_ids"].shape[1], "new_tokens": sz.new_tokens,
-                       "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-                       **measure(model, inputs, device, plan, sz)}
-        except Exception as exc:  # noqa: BLE001 - a model that fails is reported, the others still run
-            row = common.failed_row(base, impl.name, exc)
-        rows.append(row)
-        common.emit(bar, row, row.get("skipped") or f"{row['tflops']:.3g} TFLOPs, prefill "
-                    f"{common.fmt_time(row['prefill_ms'])}, decode {common.sig3(row['decode_tok_s'])} tok/s")
-        model = inputs = None
-        if cuda:
+    for family in bar:
+        bar.set_postfix_str(family)
+        rows += measure_family(family, work[family], sz, device, plan, bar)
+        if is_cuda(device):
             torch.cuda.empty_cache()
-    _ratios(common.measured(rows))
     return rows
 
 

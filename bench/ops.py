@@ -43,21 +43,19 @@ def _bytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _measure(fwd, inputs, device, plan):
-    """Timings and peak memory of ``fwd()`` and of forward+backward through the sum of its output (warmed up
-    before either is timed)."""
+def _steps(fwd, inputs, backend):
+    """(forward without autograd, forward+backward through the sum of its output) of ``fwd()`` under ``backend``."""
+    def no_grad():
+        with torch.no_grad(), fastvl.use_backend(backend):
+            return fwd()
+
     def step():
         for t in inputs:
             t.grad = None
-        fwd().float().sum().backward()
+        with fastvl.use_backend(backend):
+            fwd().float().sum().backward()
 
-    def no_grad():
-        with torch.no_grad():
-            return fwd()
-
-    step()
-    return {**common.measure(no_grad, device, plan).row("fwd_ms"), **common.measure(step, device, plan).row("fwd_bwd_ms"),
-            "peak_mb": common.peak_memory_mb(step, device)}
+    return no_grad, step
 
 
 def _cases(device, dtype, shapes, gen):
@@ -122,22 +120,30 @@ def run(device, quick, only=None):
     bar = common.progress(work, SUITE)
     for op, case, flop, nbytes, fwd, leaves in bar:
         case += "" if cuda else " [cpu]"
-        case_rows = []
+        bar.set_postfix_str(op)
+        base = {"suite": SUITE, "op": op, "case": case, "device": label, "dtype": common.dtype_name(dtype)}
+        steps = {}
         for impl in IMPLS.runnable(device):
-            bar.set_postfix_str(f"{op} {impl.name}")
-            base = {"suite": SUITE, "op": op, "case": case, "impl": impl.name, "device": label,
-                    "dtype": common.dtype_name(dtype)}
+            no_grad, step = _steps(fwd, leaves, impl.backend)
             try:
-                with fastvl.use_backend(impl.backend):
-                    timing = _measure(fwd, leaves, device, plan)
+                step()
             except Exception as exc:  # noqa: BLE001 - reported, the other backends still run
                 rows.append(common.failed_row(base, impl.name, exc))
                 continue
-            row = {**base, "backend": impl.backend, "gflop": flop / 1e9, "mbytes": nbytes / 1e6, **timing,
-                   "tflops": flop / timing["fwd_ms"] / 1e9 if flop else None, "gbps": nbytes / timing["fwd_ms"] / 1e6}
-            case_rows.append(row)
-            common.emit(bar, row, f"fwd {common.fmt_time(row['fwd_ms'])}, fwd+bwd {common.fmt_time(row['fwd_bwd_ms'])}")
+            steps[impl.name] = {"fwd_ms": no_grad, "fwd_bwd_ms": step}
+        timed = common.measure_rows(steps, device, plan)
+        case_rows = []
+        for impl in IMPLS.runnable(device):
+            if impl.name in timed:
+                t = timed[impl.name]
+                case_rows.append({**base, "impl": impl.name, "backend": impl.backend, "gflop": flop / 1e9,
+                                  "mbytes": nbytes / 1e6, **t,
+                                  "peak_mb": common.peak_memory_mb(steps[impl.name]["fwd_bwd_ms"], device),
+                                  "tflops": flop / t["fwd_ms"] / 1e9 if flop else None,
+                                  "gbps": nbytes / t["fwd_ms"] / 1e6})
         common.speedups(case_rows, "reference", "fwd_bwd_ms")
+        for row in case_rows:
+            common.emit(bar, row, f"fwd {common.fmt_time(row['fwd_ms'])}, fwd+bwd {common.fmt_time(row['fwd_bwd_ms'])}")
         rows += case_rows
     return rows + common.skipped_rows(IMPLS, device, {"suite": SUITE, "op": "all", "device": label})
 

@@ -207,13 +207,14 @@ def build(name, ours_config, hf_config, device, dtype):
     return model
 
 
-def step_fn(model, inputs, items):
-    """Zeroes the gradients, then forward + backward over every micro-batch's inputs."""
+def step_fn(model, inputs, items, backend):
+    """Zeroes the gradients, then forward + backward over every micro-batch's inputs on the fastvl ``backend``."""
     def step():
         for p in model.parameters():
             p.grad = None
-        for batch in inputs:
-            model(**batch, num_items_in_batch=items).loss.backward()
+        with fastvl.use_backend(backend):
+            for batch in inputs:
+                model(**batch, num_items_in_batch=items).loss.backward()
     return step
 
 
@@ -251,10 +252,11 @@ def run(device, quick, only=None):
     base = {**common_row, "case": case, "samples": n, "tokens": sum(lengths), "images": images}
     plan = common.Budget(warmup=0, repeat=2) if quick else common.Budget(warmup=1, repeat=3)  # whole steps: few
     backend = common.user_backend(device)
-    useful, steps = None, []
+    hf = f"hf-{hf_attention(device)}"
+    useful, step_rows, steps = None, [], {}
     bar = common.progress(IMPLS.runnable(device), SUITE)
     for impl in bar:
-        name = f"hf-{hf_attention(device)}" if impl.name == "hf" else impl.name
+        name = hf if impl.name == "hf" else impl.name
         bar.set_postfix_str(name)
         row = {**base, "impl": name, "micro_batches": len(batches[impl.fn]),
                "backend": None if impl.name == "hf" else backend, "padding_pct": 100 * padding(batches[impl.fn])}
@@ -262,33 +264,36 @@ def run(device, quick, only=None):
             torch.manual_seed(0)
             with fastvl.use_backend(backend):
                 model = build(name, ours_config, hf_config, device, dtype)
-                step = step_fn(model, inputs_of(name, batches[impl.fn], vocab - 1, device, dtype), items)
-                if name == "fastvl-packed":
-                    _, useful = flops.count(step)  # the step's FLOPs without padding: the useful work
-                timing = common.measure(step, device, plan).row("step_ms")
-                seconds = timing["step_ms"] / 1e3
-                row.update(timing, tokens_s=row["tokens"] / seconds, samples_s=n / seconds, images_s=images / seconds,
-                           peak_mb=common.peak_memory_mb(step, device))
+            step = step_fn(model, inputs_of(name, batches[impl.fn], vocab - 1, device, dtype), items, backend)
+            if name == "fastvl-packed":
+                _, useful = flops.count(step)  # the step's FLOPs without padding: the useful work
+            else:
+                step()  # a row that fails does so here, not in the rounds of all of them
+            steps[name] = step
         except Exception as exc:  # noqa: BLE001 - reported, the other rows still run
             row = common.failed_row(row, name, exc)
-        model = step = None
-        rows.append(row)
-        steps.append(row)
-        common.emit(bar, row, row.get("skipped") or f"{common.fmt_time(row['step_ms'])} per step, "
-                    f"{common.sig3(row['tokens_s'])} tokens/s")
-        if cuda:
-            torch.cuda.empty_cache()
+            common.emit(bar, row, row["skipped"])
+        step_rows.append(row)
+    timings = common.measure_rows({name: {"step_ms": step} for name, step in steps.items()}, device, plan)
+    for row in step_rows:
+        if row["impl"] in timings:
+            seconds = timings[row["impl"]]["step_ms"] / 1e3
+            row.update(timings[row["impl"]], tokens_s=row["tokens"] / seconds, samples_s=n / seconds,
+                       images_s=images / seconds, peak_mb=common.peak_memory_mb(steps[row["impl"]], device))
+    steps = model = step = None  # the models, freed before the matmul peak is measured
+    if cuda:
+        torch.cuda.empty_cache()
     peak = common.matmul_tflops(device, plan, n=8192 if cuda else 512)
-    timed = common.measured(steps)
-    baseline = next((r for r in timed if r["impl"].startswith("hf-")), None)
+    timed = common.measured(step_rows)
+    common.speedups(timed, hf, "step_ms")  # the tokens of every row are the same: the ratio of their tokens/s
+    baseline = next((r for r in timed if r["impl"] == hf), None)
     for r in timed:
         if useful:
             r.update(mfu=useful / (r["step_ms"] / 1e3) / (peak * 1e12), useful_tflop=useful / 1e12, peak_tflops=peak)
-        if baseline:
-            r["vs"], r["speedup"] = baseline["impl"], r["tokens_s"] / baseline["tokens_s"]
-            if r["peak_mb"] is not None:
-                r["mem_ratio"] = r["peak_mb"] / baseline["peak_mb"]
-    return rows
+        if baseline and r["peak_mb"] is not None:
+            r["mem_ratio"] = r["peak_mb"] / baseline["peak_mb"]
+        common.emit(bar, r, f"{common.fmt_time(r['step_ms'])} per step, {common.sig3(r['tokens_s'])} tokens/s")
+    return rows + step_rows
 
 
 def summary(rows):

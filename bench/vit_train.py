@@ -7,7 +7,7 @@ merged tokens into every weight (gradients set to None before each step). Implem
 
 - ``hf-<attention>``: transformers with its best attention available (flash_attention_2 when flash-attn is
   installed on a GPU, else sdpa: one SDPA call per image);
-- ``fastvl``: the same module instance, weights shared, after ``fastvl.patch``: varlen attention with the 2D
+- ``fastvl``: a copy of the module sharing its weights, after ``fastvl.patch``: varlen attention with the 2D
   RoPE inside and patch_merge (the Triton kernels on a GPU, their PyTorch reference on a CPU);
 - ``fastvl-native``: the same on the native CPU backend (CPU only).
 
@@ -18,6 +18,7 @@ the transformers row. GPU: bf16, real sizes, ~16k patches (DESIGN target: >= 1.5
 CPU: fp32, the real block widths (1280 wide, 16 heads of 80, merger to 1536) with 2 of the 32 blocks, ~1.2k patches
 (DESIGN target: the native forward >= 1.15x transformers').
 """
+import copy
 import re
 import sys
 
@@ -57,10 +58,16 @@ def hf_attention(device):
     return "flash_attention_2" if is_cuda(device) and is_flash_attn_2_available() else "sdpa"
 
 
-IMPLS = Registry()
+def patched(tower):
+    """``tower`` under ``fastvl.patch``, as a copy that shares its weights: every row is timed in the same rounds,
+    so each needs a module of its own, and the weights are held once."""
+    return fastvl.patch(copy.deepcopy(tower, {id(p): p for p in tower.parameters()}))
+
+
+IMPLS = Registry()  # fn: the module to time, from transformers' tower
 IMPLS.register("hf", lambda tower: tower)
-IMPLS.register("fastvl", fastvl.patch)
-IMPLS.register("fastvl-native", fastvl.patch, backend="native", unavailable=NATIVE_ONLY)
+IMPLS.register("fastvl", patched)
+IMPLS.register("fastvl-native", patched, backend="native", unavailable=NATIVE_ONLY)
 
 
 def build(scale, device, dtype):
@@ -75,20 +82,21 @@ def build(scale, device, dtype):
     return tower.train()
 
 
-def forward_fn(tower, pixels, grid):
+def forward_fn(tower, pixels, grid, backend):
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), fastvl.use_backend(backend):
             return tower(pixels, grid_thw=grid)
     return forward
 
 
-def step_fn(tower, pixels, grid, dout):
+def step_fn(tower, pixels, grid, dout, backend):
     def step():
         for p in tower.parameters():
             p.grad = None
-        out = tower(pixels, grid_thw=grid)
-        merged = getattr(out, "pooler_output", out)
-        merged.backward(dout)
+        with fastvl.use_backend(backend):
+            out = tower(pixels, grid_thw=grid)
+            merged = getattr(out, "pooler_output", out)
+            merged.backward(dout)
     return step
 
 
@@ -109,39 +117,39 @@ def run(device, quick, only=None):
     pixels = torch.randn(tokens, 3 * 2 * 14 * 14, generator=gen).to(device, dtype)
     tower = build(scale, device, dtype)
     dout = torch.randn(tokens // 4, TOWERS[scale]["hidden_size"], generator=gen).to(device, dtype)
-    rows = []
+    hf = f"hf-{hf_attention(device)}"
+    rows, timed_steps, backends = [], {}, {}
     bar = common.progress(IMPLS.runnable(device), SUITE)
     for impl in bar:
-        name = f"hf-{hf_attention(device)}" if impl.name == "hf" else impl.name
+        name = hf if impl.name == "hf" else impl.name
         bar.set_postfix_str(name)
+        backend = impl.backend or common.default_backend(device)
         try:
-            with fastvl.use_backend(impl.backend or common.default_backend(device)):
-                patched = impl.fn(tower)
-                step = step_fn(patched, pixels, grid, dout)
-                timing = {**common.measure(forward_fn(patched, pixels, grid), device, plan).row("fwd_ms"),
-                          **common.measure(step, device, plan).row("step_ms")}
-                for p in tower.parameters():
-                    p.grad = None
-                peak = common.peak_memory_mb(step, device)
-            row = {**common_row, "impl": name, "tokens": tokens, **timing,
-                   "backend": None if impl.name == "hf" else impl.backend or common.default_backend(device),
-                   "tokens_s": tokens / timing["step_ms"] * 1e3, "peak_mb": peak}
-        except Exception as exc:  # noqa: BLE001 - reported, the other implementation still runs
-            row = common.failed_row(common_row, name, exc)
-        finally:
-            fastvl.unpatch(tower)
-        rows.append(row)
-        common.emit(bar, row, row.get("skipped") or f"{common.fmt_time(row['step_ms'])} per step, "
-                    f"{common.sig3(row['tokens_s'])} tokens/s")
-        if cuda:
-            torch.cuda.empty_cache()
-    base = next((r for r in common.measured(rows) if r["impl"].startswith("hf-")), None)
-    for r in common.measured(rows) if base else ():
-        r["vs"], r["speedup"] = base["impl"], r["tokens_s"] / base["tokens_s"]
-        r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
-        if r["peak_mb"] is not None:
+            module = impl.fn(tower)
+            fns = {"fwd_ms": forward_fn(module, pixels, grid, backend),
+                   "step_ms": step_fn(module, pixels, grid, dout, backend)}
+            for fn in fns.values():
+                fn()  # a row that fails does so here, not in the rounds of all of them
+        except Exception as exc:  # noqa: BLE001 - reported, the other implementations still run
+            rows.append(common.failed_row(common_row, name, exc))
+            common.emit(bar, rows[-1], rows[-1]["skipped"])
+            continue
+        timed_steps[name], backends[name] = fns, None if impl.name == "hf" else backend
+    found = []
+    for name, timing in common.measure_rows(timed_steps, device, plan).items():
+        for p in tower.parameters():  # the step's gradients count in its peak, not before it
+            p.grad = None
+        found.append({**common_row, "impl": name, "tokens": tokens, **timing, "backend": backends[name],
+                      "tokens_s": tokens / timing["step_ms"] * 1e3,
+                      "peak_mb": common.peak_memory_mb(timed_steps[name]["step_ms"], device)})
+    common.speedups(found, hf, "step_ms")
+    common.speedups(found, hf, "fwd_ms", name="fwd_speedup")
+    base = next((r for r in found if r["impl"] == hf), None)
+    for r in found:
+        if base and r["peak_mb"] is not None:
             r["mem_ratio"] = r["peak_mb"] / base["peak_mb"]
-    return rows + common.skipped_rows(IMPLS, device, common_row)
+        common.emit(bar, r, f"{common.fmt_time(r['step_ms'])} per step, {common.sig3(r['tokens_s'])} tokens/s")
+    return rows + found + common.skipped_rows(IMPLS, device, common_row)
 
 
 def summary(rows):

@@ -2,12 +2,13 @@
 import json
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from fastvl import _native
 from fastvl.bench import common, load, run, summary
-from fastvl.bench.common import Budget, Registry, fmt_time, measure, sig3
+from fastvl.bench.common import Budget, Registry, fmt_time, measure, measure_group, sig3
 from fastvl.cli import main as cli
 
 
@@ -56,11 +57,37 @@ def test_registry_registration_is_one_line():
     assert [(i.name, i.backend) for i in impls] == [("first", "reference"), ("b", None), ("a", "triton")]
 
 
-def test_speedups_name_their_baseline():
-    rows = [{"case": "c", "impl": "ours", "t": 1.0}, {"case": "c", "impl": "base", "t": 3.0},
-            {"case": "d", "impl": "ours", "t": 1.0}]
-    common.speedups(rows, "base", "t")
-    assert [(r.get("vs"), r.get("speedup")) for r in rows] == [("base", 3.0), ("base", 1.0), (None, None)]
+def test_implementations_are_timed_in_interleaved_rounds():
+    """After every call site's warm-up, each round calls every one once in turn."""
+    calls = []
+    timings = measure_group({name: (lambda name=name: calls.append(name)) for name in "abc"}, "cpu",
+                            Budget(warmup=1, repeat=4))
+    assert calls == list("abc") * 2 + list("abc") * 4
+    assert [len(t.times) for t in timings.values()] == [4, 4, 4]
+
+
+def test_speedups_are_per_round_ratios_that_load_cannot_move(monkeypatch):
+    """The machine slows down 5x halfway through: every round sees one load, so the speedup is exact (timed one
+    after the other, ``slow`` would see the load its baseline did not, and its speedup would read 10x)."""
+    clock = SimpleNamespace(now=0.0, calls=0)
+    monkeypatch.setattr(common, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+
+    def work(ms):
+        def fn():
+            clock.calls += 1
+            clock.now += ms * (1 if clock.calls <= 12 else 5) / 1e3
+        return fn
+
+    timings = measure_group({"fast": work(1.0), "slow": work(2.0)}, "cpu", Budget(warmup=0, repeat=10))
+    rows = [{"case": "c", "impl": name, **t.row("t_ms")} for name, t in timings.items()]
+    rows.append({"case": "d", "impl": "fast", **timings["fast"].row("t_ms")})
+    common.speedups(rows, "slow", "t_ms")
+    fast, slow, alone = rows
+    assert fast["vs"] == "slow" and (fast["speedup"], fast["speedup_min"], fast["speedup_max"]) == pytest.approx((2, 2, 2))
+    assert slow["speedup"] == pytest.approx(1) and "vs" not in alone
+    assert fast["t_ms_max"] == pytest.approx(5 * fast["t_ms_min"])  # the load did change
+    assert [common.cell({"speedup": 2.0, "speedup_min": low, "speedup_max": high}, "speedup")
+            for low, high in ((1.5, 2.5), (2.0, 2.0))] == ["2.00x (1.50-2.50)", "2.00x"]
 
 
 def test_cli_lists_suites_and_rejects_unknown_ones(capsys):
