@@ -18,7 +18,7 @@ def test_quick_cpu_run(tmp_path):
     assert payload["environment"]["device"].startswith("cpu") and payload["environment"]["commit"]
     rows = compression.measured(payload["rows"])
     assert {(r["op"], r["impl"]) for r in rows} == {
-        ("patch_merge", "reference"), ("patch_merge", "torch-module"),
+        ("patch_merge", "reference"), ("patch_merge", "torch-module"), ("patch_merge", "torch-linears"),
         ("spatial_attention_pool", "reference"), ("spatial_attention_pool", "torch-module"),
         ("deepstack_add", "reference"), ("deepstack_add", "torch-index-put"), ("deepstack_add", "torch-index-add"),
     } | ({(op, "fastvl-native") for op in compression.BUILDERS} if _native.available() else set())
@@ -28,8 +28,11 @@ def test_quick_cpu_run(tmp_path):
         assert r["dtype"] == "float32" and r["peak_mb"] is None and r["copy_gbps"] > 0
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
         assert math.isclose(r["gbps"], r["mbytes"] / r["fwd_ms"])  # MB/ms = GB/s
-        # the torch module paths compute what the ops compute
-        assert r["rel_err"] < 1e-5, f"{r['op']} {r['impl']} disagrees with the reference: {r['rel_err']}"
+        # the torch module paths compute what the ops compute; a floor row computes only part of it
+        if r["impl"] in compression.FLOORS:
+            assert r["rel_err"] is None and r["vs"] == "torch-module" and r["speedup"] > 0
+        else:
+            assert r["rel_err"] < 1e-5, f"{r['op']} {r['impl']} disagrees with the reference: {r['rel_err']}"
     (skipped,) = [r for r in payload["rows"] if "skipped" in r]
     assert skipped["impl"] == "fastvl" and "CUDA" in skipped["skipped"]
     assert (tmp_path / "compression.png").exists()
