@@ -234,6 +234,8 @@ CASES = {
     "merge-eps": ("patch_merge", dict(eps=0.0), ValueError, "^eps "),
     "merge-eps-inf": ("patch_merge", dict(eps=float("inf")), ValueError, "^eps must be finite"),
     "merge-eps-nan": ("patch_merge", dict(eps=float("nan")), ValueError, "^eps "),
+    "merge-eps-float32-tiny": ("patch_merge", dict(eps=1e-300), ValueError, r"^eps must be in \[2\*\*-126, .*got 1e-300"),
+    "merge-eps-float32-max": ("patch_merge", dict(eps=1e300), ValueError, r"^eps must be in \[2\*\*-126, .*got 1e\+300"),
     # spatial_attention_pool
     "sap-x-int": ("spatial_attention_pool", dict(x=lambda a: a["x"].int()), TypeError, "^x "),
     "sap-x-1d": ("spatial_attention_pool", dict(x=torch.randn(39)), ValueError, "^x "),

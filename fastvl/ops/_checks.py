@@ -74,8 +74,9 @@ def number(name, value, positive=True):
 
 
 def scale(name, value):
-    """A positive number in float32's normal range: the kernels scale in fp32, where a larger one is inf and a
-    smaller one 0 or subnormal (0 under flush-to-zero arithmetic), and 0 times a masked -inf score is NaN."""
+    """A positive number in float32's normal range: the kernels compute in fp32, where a larger one is inf and a
+    smaller one 0 or subnormal (0 under flush-to-zero arithmetic): a softmax scale of 0 times a masked -inf score
+    is NaN, a norm's eps of 0 over a constant row divides by 0."""
     value = number(name, value)
     if not FLOAT32_TINY <= value <= FLOAT32_MAX:
         raise ValueError(f"{name} must be in [2**-126, {FLOAT32_MAX!r}] (float32's normal range), got {value!r}")

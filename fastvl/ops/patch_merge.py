@@ -15,7 +15,8 @@ def patch_merge(x, ln_w, ln_b, w1, b1, w2, b2, merge_size=2, eps=1e-6, *, norm="
     """x [T, C] in window order -> [T / m^2, Out] = Linear2(GELU(Linear1(norm(x).view(-1, m*m*C)))).
 
     nn.Linear weight layout: w1 [Hid, m*m*C], b1 [Hid], w2 [Out, Hid], b2 [Out]. ``norm`` is
-    'layernorm' (Qwen2-VL, ln_b given) or 'rmsnorm' (Qwen2.5-VL, ln_b None).
+    'layernorm' (Qwen2-VL, ln_b given) or 'rmsnorm' (Qwen2.5-VL, ln_b None). ``eps`` must lie in float32's
+    normal range (the norm runs in fp32: a smaller eps is 0 there, and a constant row divides by it).
     """
     check.tensor("x", x, ndim=2)
     tokens, channels = x.shape
@@ -44,7 +45,7 @@ def patch_merge(x, ln_w, ln_b, w1, b1, w2, b2, merge_size=2, eps=1e-6, *, norm="
     check.shape("b2", b2, (w2.shape[0],))
     # the kernel keeps activations for backward only when a gradient will be asked for
     save = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, *params.values()))
-    return torch.ops.fastvl.patch_merge(x, ln_w, ln_b, w1, b1, w2, b2, m, check.number("eps", eps), norm, save)[0]
+    return torch.ops.fastvl.patch_merge(x, ln_w, ln_b, w1, b1, w2, b2, m, check.scale("eps", eps), norm, save)[0]
 
 
 def _reference(x, ln_w, ln_b, w1, b1, w2, b2, m, eps, norm):
