@@ -245,8 +245,8 @@ def steps(case, fn, backend, device):
 def measure_case(case, base, device, plan):
     """The rows of the implementations of ``case``: their forward and forward+backward timed in the same rounds
     (each forward+backward runs once before anything is timed), or the reason one failed."""
-    rows, timed_steps, outs = [], {}, {}
-    for impl, backend, fn in _impls(case, device):
+    rows, timed_steps, outs, impls = [], {}, {}, _impls(case, device)
+    for impl, backend, fn in impls:
         try:
             fwd, fwd_bwd = steps(case, fn, backend, device)
             fwd_bwd()
@@ -257,7 +257,7 @@ def measure_case(case, base, device, plan):
         timed_steps[impl] = {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd}
     timed = common.measure_rows(timed_steps, device, plan)
     expected, found = outs.get("reference"), []
-    for impl, backend, _ in _impls(case, device):
+    for impl, backend, _ in impls:
         if impl in timed:
             timing, gbps = timed[impl], case.mbytes / timed[impl]["fwd_ms"]
             found.append({
